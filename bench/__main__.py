@@ -1,0 +1,128 @@
+"""Run the benchmark suite and write ``bench/results/<device>-<date>.json``.
+
+    python -m bench [--quick] [--device cpu|cuda] [-k EXPR]
+
+Timings come from pytest-benchmark; this script adds, per op, the speed-up of the cim_ext kernel over every other
+implementation measured in the same run, the achieved bandwidth (bytes that must move / median time) and its
+fraction of the measured device copy bandwidth (the roofline of these memory-bound kernels), and the environment.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def copy_bandwidth(device, megabytes=256, repeats=10):
+    """Measured device-to-device copy bandwidth in bytes/s (read + write)."""
+    numel = megabytes * 2**20 // 4
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def environment(device):
+    info = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    if device == "cuda":
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            info["driver"] = None
+    return info
+
+
+def summarise(raw, bandwidth):
+    """Group pytest-benchmark entries by op; ratios of every implementation's median to the kernel's."""
+    ops = {}
+    for bench in raw["benchmarks"]:
+        extra = bench["extra_info"]
+        median = bench["stats"]["median"]
+        entry = {"median_s": median, "bytes": extra["bytes"], "batch": extra["batch"]}
+        entry["bandwidth_GBps"] = extra["bytes"] / median / 1e9
+        entry["roofline_fraction"] = extra["bytes"] / median / bandwidth
+        ops.setdefault(extra["op"], {})[extra["impl"]] = entry
+    for impls in ops.values():
+        kernel = impls.get("kernel")
+        if kernel:
+            for name, entry in impls.items():
+                if name != "kernel":
+                    entry["kernel_speedup"] = entry["median_s"] / kernel["median_s"]
+    return ops
+
+
+def print_table(ops):
+    print(f"{'op':34s} {'impl':10s} {'median ms':>10s} {'kernel x':>9s} {'GB/s':>8s} {'roofline':>8s}")
+    for op, impls in ops.items():
+        for name, entry in impls.items():
+            speedup = f"{entry['kernel_speedup']:.1f}" if "kernel_speedup" in entry else "-"
+            print(
+                f"{op:34s} {name:10s} {entry['median_s'] * 1e3:10.3f} {speedup:>9s} "
+                f"{entry['bandwidth_GBps']:8.2f} {entry['roofline_fraction']:8.1%}"
+            )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batches (CI)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-k", default=None, help="pytest -k expression to select benchmarks")
+    parser.add_argument("--out", default=None, help="output JSON path (default bench/results/<device>-<date>.json)")
+    args = parser.parse_args(argv)
+
+    env = dict(os.environ, CIM_BENCH_QUICK="1" if args.quick else "0", CIM_BENCH_DEVICE=args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = os.path.join(tmp, "raw.json")
+        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_kernels.py"), "-q", "-p", "no:cacheprovider",
+               f"--benchmark-json={raw_path}", "--benchmark-disable-gc", "-o", "addopts="]
+        if args.k:
+            cmd += ["-k", args.k]
+        code = subprocess.call(cmd, env=env, cwd=os.path.dirname(HERE))
+        if code != 0:
+            return code
+        with open(raw_path) as f:
+            raw = json.load(f)
+    info = environment(args.device)
+    bandwidth = copy_bandwidth(args.device)
+    info["copy_bandwidth_GBps"] = bandwidth / 1e9
+    info["quick"] = args.quick
+    ops = summarise(raw, bandwidth)
+    print_table(ops)
+    name = f"{args.device}{'-quick' if args.quick else ''}-{info['date']}.json"
+    out = args.out or os.path.join(HERE, "results", name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"environment": info, "ops": ops}, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Kernel benchmarks: each cim_ext op against its eager reference, torch.compile of the reference and, where the
+original implementation had one, its per-image / eager path. Run through ``python -m bench`` (see bench/__main__.py),
+which turns the timings into ratios and bandwidth-roofline fractions.
+"""
+import functools
+
+import pytest
+import torch
+from PIL import Image
+
+import cim_ext
+from cim_ext import reference
+
+from . import baselines, cases
+
+DEVICE = cases.DEVICE
+ROUNDS = 3 if cases.QUICK else 10
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _measure(benchmark, fn, *, op, impl, bytes_moved, rounds=ROUNDS):
+    def target():
+        out = fn()
+        _sync()
+        return out
+
+    benchmark.group = op
+    benchmark.extra_info.update(op=op, impl=impl, device=DEVICE, bytes=int(bytes_moved), batch=cases.batch())
+    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------------- CAM and boxes
+@pytest.mark.parametrize("impl", ["kernel", "reference", "compiled"])
+def test_cam(benchmark, impl):
+    fmaps, weight, labels = cases.cam_inputs()
+    fn = {"kernel": cim_ext.cam, "reference": reference.cam, "compiled": _compiled(reference.cam)}[impl]
+    moved = _nbytes(fmaps) + fmaps.shape[0] * fmaps.shape[1] * 4 + _nbytes(fmaps[:, 0])
+    _measure(benchmark, lambda: fn(fmaps, weight, labels), op="cam", impl=impl, bytes_moved=moved)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_cam_boxes(benchmark, impl):
+    cams = cases.normalized_cams()
+    fn = {"kernel": cim_ext.cam_boxes, "reference": reference.cam_boxes}[impl]
+    _measure(benchmark, lambda: fn(cams, (224, 224), 0.6), op="cam_boxes", impl=impl, bytes_moved=_nbytes(cams))
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_otsu_threshold(benchmark, impl):
+    cams = cases.normalized_cams()
+    fn = {"kernel": cim_ext.otsu_threshold, "reference": reference.otsu_threshold}[impl]
+    _measure(benchmark, lambda: fn(cams, (224, 224)), op="otsu_threshold", impl=impl, bytes_moved=_nbytes(cams))
+
+
+@pytest.mark.parametrize("threshold", [0.6, "otsu"])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_cam_to_boxes(benchmark, impl, threshold):
+    fmaps, weight, labels = cases.cam_inputs()
+    fn = {"kernel": cim_ext.cam_to_boxes, "reference": reference.cam_to_boxes}[impl]
+    _measure(
+        benchmark,
+        lambda: fn(fmaps, weight, labels, (224, 224), threshold),
+        op=f"cam_to_boxes[{threshold}]",
+        impl=impl,
+        bytes_moved=_nbytes(fmaps),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ compression
+def _pil_images(images):
+    return [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("impl", ["kernel", "reference", "original"])
+def test_compress(benchmark, impl, dtype):
+    if impl == "original" and dtype != "uint8":
+        pytest.skip("the original compresses PIL (uint8) images")
+    images, boxes = cases.image_inputs(dtype=getattr(torch, dtype))
+    if impl == "original":
+        pil, box_list = _pil_images(images), boxes.tolist()
+        fn = lambda: [baselines.compress_per_image(img, box, 4.0) for img, box in zip(pil, box_list)]  # noqa: E731
+    else:
+        op = {"kernel": cim_ext.compress, "reference": reference.compress}[impl]
+        fn = lambda: op(images, boxes, 4.0)  # noqa: E731
+    _measure(benchmark, fn, op=f"compress[{dtype}]", impl=impl, bytes_moved=2 * _nbytes(images))
+
+
+@pytest.mark.parametrize("impl", ["kernel", "original"])
+def test_cam_pipeline(benchmark, impl):
+    """Inference-time exemplar compression: CAM -> box -> compressed image, for a batch of uint8 images."""
+    fmaps, weight, labels = cases.cam_inputs()
+    images, _ = cases.image_inputs()
+    size = tuple(images.shape[-2:])
+    if impl == "original":
+        pil = _pil_images(images)
+        fn = lambda: baselines.cam_pipeline_per_image(fmaps, weight, labels, pil, 0.6, 4.0)  # noqa: E731
+    else:
+        fn = lambda: cim_ext.compress(images, cim_ext.cam_to_boxes(fmaps, weight, labels, size, 0.6), 4.0)  # noqa: E731
+    moved = _nbytes(fmaps) + 2 * _nbytes(images)
+    _measure(benchmark, fn, op="cam_pipeline", impl=impl, bytes_moved=moved, rounds=3 if impl == "original" else ROUNDS)
+
+
+@pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
+@pytest.mark.parametrize("impl", ["kernel", "reference", "compiled"])
+def test_soft_compress(benchmark, impl, pass_):
+    images, _ = cases.image_inputs(dtype=torch.float32)
+    cams = cases.normalized_cams()
+    fn = {"kernel": cim_ext.soft_compress, "reference": reference.soft_compress}.get(impl) or _compiled(
+        reference.soft_compress
+    )
+    if pass_ == "forward":
+        run = lambda: fn(images, cams, 4.0)  # noqa: E731
+        moved = 2 * _nbytes(images)
+    else:
+        images.requires_grad_(True)
+        cams.requires_grad_(True)
+        grad = torch.ones_like(images)
+        run = lambda: torch.autograd.grad(fn(images, cams, 4.0), (images, cams), grad)  # noqa: E731
+        moved = 5 * _nbytes(images)
+    _measure(benchmark, run, op=f"soft_compress[{pass_}]", impl=impl, bytes_moved=moved)
+
+
+# ------------------------------------------------------------------------------------------------------- activation
+def _relu(x, numerator, denominator):
+    return torch.relu(x)
+
+
+@pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
+@pytest.mark.parametrize("impl", ["kernel", "reference", "compiled", "original", "relu"])
+def test_rational(benchmark, impl, pass_):
+    x = cases.activation_input()
+    rational = cim_ext.nn.Rational().to(DEVICE)
+    numerator, denominator = rational.numerator, rational.denominator
+    fn = {
+        "kernel": cim_ext.rational,
+        "reference": reference.rational,
+        "compiled": _compiled(reference.rational),
+        "original": baselines.rational_stacked_powers,
+        "relu": _relu,
+    }[impl]
+    if pass_ == "forward":
+        with torch.no_grad():
+            run = lambda: fn(x, numerator, denominator)  # noqa: E731
+            moved = 2 * _nbytes(x)
+            _measure(benchmark, run, op=f"rational[{pass_}]", impl=impl, bytes_moved=moved)
+        return
+    x.requires_grad_(True)
+    grad = torch.ones_like(x)
+    inputs = (x,) if impl == "relu" else (x, numerator, denominator)
+    run = lambda: torch.autograd.grad(fn(x, numerator, denominator), inputs, grad)  # noqa: E731
+    _measure(benchmark, run, op=f"rational[{pass_}]", impl=impl, bytes_moved=5 * _nbytes(x))
