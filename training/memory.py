@@ -113,15 +113,16 @@ def _grid(height, width, small_h, small_w):
 
     Returns (row_start[h], row_end[h], col_start[w], col_end[w]) int64: small row i covers rebuilt rows
     [row_start[i], row_end[i]) (the nearest-exact map is monotone and onto, so the ranges partition [0, height)).
-    Computed by rebuilding an index image with :func:`cim_ext.uncompress` and an empty box.
+    Computed by rebuilding index images with :func:`cim_ext.uncompress` and an empty box, one axis at a time
+    (nearest-exact scales each axis by its own size ratio).
     """
     key = (height, width, small_h, small_w)
     if key not in _GRID_CACHE:
-        index = torch.arange(small_h * small_w, dtype=torch.float32).view(1, 1, small_h, small_w)
-        up = cim_ext.uncompress(index, index.new_empty(0), torch.zeros(1, 4, dtype=torch.int64), (height, width))
-        up = up[0, 0].to(torch.int64)
-        rows = up[:, 0] // small_w  # small row of each rebuilt row
-        cols = up[0, :] % small_w  # small column of each rebuilt column
+        empty = torch.zeros(1, 4, dtype=torch.int64)
+        column = torch.arange(small_h, dtype=torch.float32).view(1, 1, small_h, 1)
+        line = torch.arange(small_w, dtype=torch.float32).view(1, 1, 1, small_w)
+        rows = cim_ext.uncompress(column, column.new_empty(0), empty, (height, 1)).reshape(-1).to(torch.int64)
+        cols = cim_ext.uncompress(line, line.new_empty(0), empty, (1, width)).reshape(-1).to(torch.int64)
         row_start = torch.full((small_h,), height, dtype=torch.int64).scatter_reduce(
             0, rows, torch.arange(height), "amin")
         row_end = torch.zeros(small_h, dtype=torch.int64).scatter_reduce(0, rows, torch.arange(1, height + 1), "amax")
@@ -144,9 +145,11 @@ def _kept_mask(box, size, small_size):
 def _kept_count(boxes, sizes, small_sizes):
     """Number of small pixels kept per exemplar (int64 Tensor[N]), from the cell ranges, vectorised per size."""
     counts = torch.empty(boxes.shape[0], dtype=torch.int64)
-    keys = [tuple(s) + tuple(t) for s, t in zip(sizes.tolist(), small_sizes.tolist())]
-    for key in set(keys):
-        rows = torch.tensor([k == key for k in keys]).nonzero()[:, 0]
+    groups: dict[tuple, list[int]] = {}
+    for n, (size, small) in enumerate(zip(sizes.tolist(), small_sizes.tolist())):
+        groups.setdefault(tuple(size) + tuple(small), []).append(n)
+    for key, members in groups.items():
+        rows = torch.tensor(members, dtype=torch.int64)
         row_start, row_end, col_start, col_end = _grid(*key)
         b = boxes[rows]
         rows_in = ((row_start[None] >= b[:, 0:1]) & (row_end[None] <= b[:, 1:2])).sum(1)
