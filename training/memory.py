@@ -22,7 +22,6 @@ Modes: ``"none"`` stores the full image (ratio 1, empty box, cost 1); ``"downsam
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
