@@ -347,13 +347,17 @@ def soft_compress(images, cams, ratio):
     return torch.ops.cim_ext.soft_compress(images, cams, _check_ratio(ratio))
 
 
+# The kernels keep the coefficients in registers (csrc/*/rational_kernel.*: kMaxCoefficients).
+_MAX_RATIONAL_COEFFICIENTS = 16
+
+
 def rational(x, numerator, denominator):
     """Rational (Padé) activation, version A: ``P(x) / (1 + |b1 x| + ... + |bn x^n|)``, elementwise.
 
     Args:
         x (Tensor[...]): float (float32/float64 on CPU; also float16/bfloat16 on CUDA, computed in float32).
-        numerator (Tensor[m + 1]): a0..am.
-        denominator (Tensor[n]): b1..bn.
+        numerator (Tensor[m + 1]): a0..am (1 to 16 coefficients).
+        denominator (Tensor[n]): b1..bn (1 to 16 coefficients).
 
     Returns:
         Tensor like x. Differentiable in x and both coefficient vectors.
@@ -364,5 +368,7 @@ def rational(x, numerator, denominator):
         _check_float(name, coefficients, 1)
         if coefficients.numel() < 1:
             _fail(name, "at least one coefficient", "an empty tensor")
+        if coefficients.numel() > _MAX_RATIONAL_COEFFICIENTS:
+            _fail(name, f"at most {_MAX_RATIONAL_COEFFICIENTS} coefficients", coefficients.numel())
     _check_same_device(x=x, numerator=numerator, denominator=denominator)
     return torch.ops.cim_ext.rational(x, numerator.to(coefficient_dtype), denominator.to(coefficient_dtype))
