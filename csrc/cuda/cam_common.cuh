@@ -260,8 +260,10 @@ __device__ int64_t block_otsu(const scalar_t* map, int64_t h, int64_t w, int64_t
   for_each_upsampled<scalar_t, acc_t>(map, h, w, H, W, [&](int64_t, int64_t, acc_t v) {
     const acc_t t = static_cast<acc_t>(static_cast<scalar_t>(v * scaled));
     // For 0 < t < bins - 1 floor is truncation; NaN (only from infinite inputs) goes to bin 0.
-    const int64_t bin = t > acc_t(0) ? (t < last ? static_cast<int64_t>(t) : bins - 1) : 0;
-    atomicAdd(hist + bin, 1ull);
+    const long long bin = t > acc_t(0) ? (t < last ? static_cast<long long>(t) : bins - 1) : 0;
+    // Neighbouring pixels (one warp = 32 adjacent columns) mostly share a bin: one atomic per distinct bin.
+    const unsigned same = __match_any_sync(__activemask(), bin);
+    if ((threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(hist + bin, static_cast<unsigned long long>(__popc(same)));
   });
   __syncthreads();
   if (threadIdx.x < 32) {
