@@ -347,7 +347,7 @@ void grad_cams_impl(
     }
   });
   // Stage 2, parallel over samples: each sample sums its rows onto the cam rows, in row order.
-  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch, row_grain(2 * g.height * g.cam_w), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(g.cam_h * g.cam_w);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(sums.begin(), sums.end(), acc_t(0));
