@@ -96,7 +96,7 @@ class TensorImageSet(ImageSet):
         self.object_boxes = object_boxes
 
     def load(self, i):
-        return self.images[int(i)]
+        return self.images[int(i)].clone()
 
 
 class FileImageSet(ImageSet):
@@ -191,7 +191,16 @@ def _check_root(name, root, layout):
 
 def _has_class_dirs(directory):
     try:
-        return directory.is_dir() and any(entry.is_dir() for entry in os.scandir(directory))
+        with os.scandir(directory) as entries:
+            return any(entry.is_dir() for entry in entries)
+    except OSError:
+        return False
+
+
+def _has_files(directory):
+    try:
+        with os.scandir(directory) as entries:
+            return any(entry.is_file() for entry in entries)
     except OSError:
         return False
 
@@ -266,7 +275,7 @@ def _imagenet(name, root, on_bad_image, classes=None):
     if (root / _DEVKIT).is_file() or (root / "meta.bin").is_file():
         return (*_torchvision_imagenet(name, root, on_bad_image, classes), "torchvision")
     val = root / "val"
-    if val.is_dir() and not _has_class_dirs(val) and any(os.scandir(val)):
+    if not _has_class_dirs(val) and _has_files(val):
         raise _root_error(name, root, _IMAGENET_LAYOUT, f"{val} holds files but no <wnid>/ folders (the raw "
                           f"ILSVRC2012 validation layout); put {_DEVKIT} in the root so that torchvision sorts them, "
                           "or sort them into val/<wnid>/ folders")
