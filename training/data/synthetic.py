@@ -37,7 +37,8 @@ class SyntheticSpec:
         train_per_class, test_per_class: images per class in each split.
         seed: every random draw (glyph design, layouts, colours) derives from it.
         cell: side s of a sub-pattern; the glyph is 2s x 2s. ``None``: 3 (a 6 x 6 glyph at any image size).
-        decoys: random 2s x 2s binary patches per image, in the glyph's colours, never overlapping the glyph.
+        decoys: 2s x 2s patches per image in the glyph's colours, never overlapping the glyph: random s x s
+            binary patterns drawn in 2x2 pixel cells, i.e. what any glyph looks like after compression.
         blobs, lines: background clutter per image.
         noise: standard deviation of the Gaussian pixel noise, in 0..255 units.
     """
@@ -205,7 +206,9 @@ def generate(spec: SyntheticSpec, split: str) -> SyntheticSplit:
     x0 = torch.randint(margin, size - g - margin + 1, (n,), generator=gen)
     tries = 16
     for _ in range(spec.decoys):
-        pattern = torch.rand(n, g, g, generator=gen) < 0.5
+        # blocky: a random s x s pattern in 2x2 pixel cells, which is what a glyph looks like once compressed
+        cells = torch.rand(n, g // 2, g // 2, generator=gen) < 0.5
+        pattern = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)
         cy = torch.randint(0, size - g + 1, (n, tries), generator=gen)
         cx = torch.randint(0, size - g + 1, (n, tries), generator=gen)
         # a candidate is free when its box (grown by one pixel) misses the glyph's box
