@@ -1,0 +1,427 @@
+"""Image sources: one train and one test :class:`ImageSet` per source, and :func:`load_source` to build them.
+
+Sources: ``synthetic`` (in memory, see :mod:`training.data.synthetic`), ``imagefolder`` (``train/`` + ``val/`` class
+folders), ``imagenet1000`` (ILSVRC2012 as class folders, or a torchvision ``datasets.ImageNet`` root),
+``imagenet100`` (the LUCIR/PODNet/FOSTER/CIM 100-class subset of an ``imagenet1000`` root) and ``food101`` (the
+official archive layout). File-backed sets decode lazily with PIL; an unreadable file makes :meth:`ImageSet.load`
+return ``None`` (warned once per file, counted in :attr:`ImageSet.bad_count`) or, with ``on_bad_image="error"``,
+raise :class:`BadImageError` naming the file.
+"""
+import os
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from .synthetic import SyntheticSpec, generate
+
+__all__ = [
+    "ImageSet",
+    "FileImageSet",
+    "TensorImageSet",
+    "Source",
+    "SOURCES",
+    "load_source",
+    "imagenet100_wnids",
+    "decode_image",
+    "DataRootError",
+    "BadImageError",
+    "BadImageWarning",
+]
+
+ON_BAD_IMAGE = ("skip", "error")
+
+
+class DataRootError(ValueError):
+    """A data root that is missing or not laid out as the source expects."""
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded (raised with ``on_bad_image="error"``)."""
+
+
+class BadImageWarning(UserWarning):
+    """An image file that cannot be decoded was skipped."""
+
+
+def decode_image(path) -> torch.Tensor:
+    """Decode an image file to uint8 Tensor[3, H, W] RGB (grayscale, palette, CMYK, alpha converted) with PIL."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """One split of a source.
+
+    Attributes:
+        targets (np.ndarray): int64 class id of every image, length N.
+        object_boxes (Tensor[N, 4] int64 | None): true object box (y0, y1, x0, x1) per image; synthetic data only.
+    """
+
+    targets: np.ndarray
+    object_boxes: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, i) -> torch.Tensor | None:
+        """Image ``i`` as uint8 Tensor[3, H, W] at its original resolution, or ``None`` if it cannot be read."""
+        raise NotImplementedError
+
+    @property
+    def bad_count(self) -> int:
+        """Number of distinct images found unreadable so far."""
+        return 0
+
+    def __getitem__(self, i):
+        return self.load(i), int(self.targets[i])
+
+
+class TensorImageSet(ImageSet):
+    """Images held in memory as one uint8 Tensor[N, 3, H, W]."""
+
+    def __init__(self, images, targets, object_boxes=None):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self.targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.targets)} targets")
+        self.object_boxes = object_boxes
+
+    def load(self, i):
+        return self.images[int(i)].clone()
+
+
+class FileImageSet(ImageSet):
+    """Images decoded from files on demand.
+
+    Unreadable files are remembered in a shared-memory mask, so that DataLoader workers agree on ``bad_count`` and
+    each file is decoded, warned about and counted once.
+    """
+
+    def __init__(self, paths, targets, *, on_bad_image="skip"):
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        paths = [os.fspath(p) for p in paths]
+        # The common directory once, then the relative paths as one numpy bytes array: about 40 bytes per
+        # ImageNet image, and no per-object refcounts for forked DataLoader workers to copy.
+        prefix = os.path.commonprefix([min(paths), max(paths)]) if paths else ""
+        self.directory = prefix[: prefix.rfind(os.sep) + 1]
+        self._relative = np.array([os.fsencode(p[len(self.directory):]) for p in paths], dtype=np.bytes_)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self._relative) != len(self.targets):
+            raise ValueError(f"{len(self._relative)} paths but {len(self.targets)} targets")
+        self.on_bad_image = on_bad_image
+        self._bad = torch.zeros(len(self.targets), dtype=torch.bool).share_memory_()
+
+    def path(self, i) -> str:
+        return self.directory + os.fsdecode(self._relative[int(i)])
+
+    @property
+    def bad_count(self) -> int:
+        return int(self._bad.sum())
+
+    @property
+    def bad_paths(self) -> list[str]:
+        return [self.path(i) for i in self._bad.nonzero().flatten().tolist()]
+
+    def load(self, i):
+        i = int(i)
+        path = self.path(i)
+        if self._bad[i] and self.on_bad_image == "skip":
+            return None
+        try:
+            return decode_image(path)
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, EOFError... for broken files
+            if self.on_bad_image == "error":
+                raise BadImageError(f"cannot read image {path}: {error}") from error
+            if not self._bad[i]:
+                self._bad[i] = True
+                warnings.warn(f"skipping unreadable image {path}: {error}", BadImageWarning, stacklevel=2)
+            return None
+
+
+@dataclass
+class Source:
+    """A dataset: class names (index = class id) and its train and test :class:`ImageSet`."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    train: ImageSet
+    test: ImageSet
+    image_size: int  # the training resolution this source is meant for
+    root: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def bad_count(self) -> int:
+        return self.train.bad_count + self.test.bad_count
+
+
+# ---------------------------------------------------------------------------------------------------------- layouts
+
+_IMAGEFOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image> (or <root>/test/<class>/<image>)"
+_IMAGENET_LAYOUT = (
+    "either the ImageFolder layout <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG, or a torchvision "
+    "datasets.ImageNet root holding ILSVRC2012_devkit_t12.tar.gz (or its parsed meta.bin) next to "
+    "ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar or their extracted train/<wnid>/ and val/<wnid>/ folders"
+)
+_FOOD101_LAYOUT = (
+    "the official Food-101 archive layout <root>/images/<class>/<id>.jpg, <root>/meta/train.txt and "
+    "<root>/meta/test.txt (lines '<class>/<id>'); <root> may also be the folder that contains food-101/"
+)
+_DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+
+
+def _root_error(name, root, layout, problem):
+    return DataRootError(f"{name}: cannot use data root {str(root)!r}: {problem}. Expected {layout}.")
+
+
+def _check_root(name, root, layout):
+    if root is None:
+        raise DataRootError(f"{name}: needs a data root (--data-root PATH). Expected {layout}.")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise _root_error(name, root, layout, "it is not a directory")
+    return root
+
+
+def _has_class_dirs(directory):
+    try:
+        with os.scandir(directory) as entries:
+            return any(entry.is_dir() for entry in entries)
+    except OSError:
+        return False
+
+
+def _has_files(directory):
+    try:
+        with os.scandir(directory) as entries:
+            return any(entry.is_file() for entry in entries)
+    except OSError:
+        return False
+
+
+def _scan(name, root, layout, directory, class_to_idx, allow_empty):
+    """make_dataset over the given classes, with layout errors turned into one DataRootError."""
+    try:
+        samples = make_dataset(directory, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
+    except FileNotFoundError as error:
+        raise _root_error(name, root, layout, f"in {directory}: {error}") from None
+    if not samples:
+        raise _root_error(name, root, layout, f"no image files (extensions {', '.join(IMG_EXTENSIONS)}) under "
+                          f"{directory}")
+    paths, targets = zip(*samples)
+    return list(paths), list(targets)
+
+
+def _imagefolder(name, root, on_bad_image, *, val_dirs=("val", "test"), strict_val=False, layout=_IMAGEFOLDER_LAYOUT,
+                 classes=None):
+    train_dir = root / "train"
+    if not _has_class_dirs(train_dir):
+        raise _root_error(name, root, layout, f"{train_dir} is missing or has no class folders")
+    val_dir = next((root / d for d in val_dirs if _has_class_dirs(root / d)), None)
+    if val_dir is None:
+        tried = " or ".join(str(root / d) for d in val_dirs)
+        raise _root_error(name, root, layout, f"{tried} is missing or has no class folders")
+    if classes is None:  # all classes of train/; val/ may not add any
+        classes, _ = find_classes(train_dir)
+        extra = sorted(set(find_classes(val_dir)[0]) - set(classes))
+    else:  # a subset: other class folders are ignored
+        extra = []
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    if extra:
+        raise _root_error(name, root, layout, f"{val_dir} has class folders missing from {train_dir}: "
+                          f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    train = FileImageSet(*_scan(name, root, layout, train_dir, class_to_idx, False), on_bad_image=on_bad_image)
+    test = FileImageSet(*_scan(name, root, layout, val_dir, class_to_idx, not strict_val), on_bad_image=on_bad_image)
+    return list(classes), train, test
+
+
+def _torchvision_imagenet(name, root, on_bad_image, classes=None):
+    from torchvision.datasets import ImageNet
+
+    splits = {}
+    for split in ("train", "val"):
+        try:
+            dataset = ImageNet(str(root), split=split)
+        except Exception as error:  # missing archive, failed checksum, scipy missing for the devkit, ...
+            hint = " (torchvision parses the devkit archive with scipy: pip install scipy)" if isinstance(
+                error, ImportError) else ""
+            raise _root_error(name, root, _IMAGENET_LAYOUT, f"torchvision datasets.ImageNet(split={split!r}) "
+                              f"failed: {type(error).__name__}: {error}{hint}") from None
+        splits[split] = ([p for p, _ in dataset.samples], [dataset.wnids[t] for _, t in dataset.samples])
+    if classes is None:
+        classes = sorted(set(splits["train"][1]))
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    missing = [c for c in classes if c not in set(splits["train"][1])]
+    if missing:
+        raise _root_error(name, root, _IMAGENET_LAYOUT, f"{len(missing)} expected classes have no training images "
+                          f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+    sets = []
+    for split in ("train", "val"):
+        paths, wnids = splits[split]
+        keep = [k for k, w in enumerate(wnids) if w in class_to_idx]
+        sets.append(FileImageSet([paths[k] for k in keep], [class_to_idx[wnids[k]] for k in keep],
+                                 on_bad_image=on_bad_image))
+    return list(classes), sets[0], sets[1]
+
+
+def _imagenet(name, root, on_bad_image, classes=None):
+    """(classes, train, test, layout) of an ImageNet root, ``classes`` (wnids) selecting a subset."""
+    if (root / _DEVKIT).is_file() or (root / "meta.bin").is_file():
+        return (*_torchvision_imagenet(name, root, on_bad_image, classes), "torchvision")
+    val = root / "val"
+    if not _has_class_dirs(val) and _has_files(val):
+        raise _root_error(name, root, _IMAGENET_LAYOUT, f"{val} holds files but no <wnid>/ folders (the raw "
+                          f"ILSVRC2012 validation layout); put {_DEVKIT} in the root so that torchvision sorts them, "
+                          "or sort them into val/<wnid>/ folders")
+    found = _imagefolder(name, root, on_bad_image, val_dirs=("val",), strict_val=True, layout=_IMAGENET_LAYOUT,
+                         classes=classes)
+    return (*found, "imagefolder")
+
+
+def imagenet100_wnids() -> list[str]:
+    """The 100 ImageNet class ids (wnids, sorted) of the LUCIR ImageNet-100 subset; class id = position."""
+    text = resources.files(__package__).joinpath("imagenet100.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _food101(name, root, on_bad_image):
+    if not (root / "meta").is_dir() and (root / "food-101" / "meta").is_dir():
+        root = root / "food-101"
+    images, meta = root / "images", root / "meta"
+    for required in (images, meta / "train.txt", meta / "test.txt"):
+        if not required.exists():
+            raise _root_error(name, root, _FOOD101_LAYOUT, f"{required} does not exist")
+    splits = {}
+    for split in ("train", "test"):
+        entries = []
+        for number, line in enumerate((meta / f"{split}.txt").read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line:
+                continue
+            cls, _, stem = line.partition("/")
+            if not cls or not stem or "/" in stem:
+                raise _root_error(name, root, _FOOD101_LAYOUT, f"meta/{split}.txt line {number} is {line!r}, not "
+                                  "'<class>/<id>'")
+            entries.append((cls, images / cls / f"{stem}.jpg"))
+        if not entries:
+            raise _root_error(name, root, _FOOD101_LAYOUT, f"meta/{split}.txt lists no images")
+        splits[split] = entries
+    classes_file = meta / "classes.txt"
+    if classes_file.is_file():
+        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+    else:
+        classes = sorted({c for c, _ in splits["train"]})
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    sets = []
+    for split in ("train", "test"):
+        unknown = sorted({c for c, _ in splits[split]} - set(class_to_idx))
+        if unknown:
+            raise _root_error(name, root, _FOOD101_LAYOUT, f"meta/{split}.txt names classes not in the class list: "
+                              f"{', '.join(unknown[:5])}")
+        sets.append(FileImageSet([p for _, p in splits[split]], [class_to_idx[c] for c, _ in splits[split]],
+                                 on_bad_image=on_bad_image))
+    return classes, sets[0], sets[1], root
+
+
+# ---------------------------------------------------------------------------------------------------------- loaders
+
+_SYNTHETIC_OPTIONS = ("num_classes", "image_size", "train_per_class", "test_per_class", "cell", "decoys", "blobs",
+                      "lines", "noise")
+_FILE_OPTIONS = ("image_size",)
+
+
+def _check_options(name, options, allowed):
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(allowed) or 'none'}")
+
+
+def _load_synthetic(root, seed, on_bad_image, options):
+    _check_options("synthetic", options, _SYNTHETIC_OPTIONS)
+    spec = SyntheticSpec(seed=seed, **options)
+    train, test = generate(spec, "train"), generate(spec, "test")
+    return Source(
+        name="synthetic",
+        num_classes=spec.num_classes,
+        class_names=[f"glyph{c:02d}" for c in range(spec.num_classes)],
+        train=TensorImageSet(train.images, train.targets.numpy(), train.boxes),
+        test=TensorImageSet(test.images, test.targets.numpy(), test.boxes),
+        image_size=spec.image_size,
+        info={"spec": spec},
+    )
+
+
+def _file_source(name, classes, train, test, root, options, **info):
+    return Source(name=name, num_classes=len(classes), class_names=list(classes), train=train, test=test,
+                  image_size=int(options.get("image_size", 224)), root=str(root), info=info)
+
+
+def _load_imagefolder(root, seed, on_bad_image, options):
+    _check_options("imagefolder", options, _FILE_OPTIONS)
+    root = _check_root("imagefolder", root, _IMAGEFOLDER_LAYOUT)
+    classes, train, test = _imagefolder("imagefolder", root, on_bad_image)
+    return _file_source("imagefolder", classes, train, test, root, options, layout="imagefolder")
+
+
+def _load_imagenet1000(root, seed, on_bad_image, options):
+    _check_options("imagenet1000", options, _FILE_OPTIONS)
+    root = _check_root("imagenet1000", root, _IMAGENET_LAYOUT)
+    classes, train, test, layout = _imagenet("imagenet1000", root, on_bad_image)
+    return _file_source("imagenet1000", classes, train, test, root, options, layout=layout)
+
+
+def _load_imagenet100(root, seed, on_bad_image, options):
+    _check_options("imagenet100", options, _FILE_OPTIONS)
+    root = _check_root("imagenet100", root, _IMAGENET_LAYOUT)
+    classes, train, test, layout = _imagenet("imagenet100", root, on_bad_image, classes=imagenet100_wnids())
+    return _file_source("imagenet100", classes, train, test, root, options, layout=layout)
+
+
+def _load_food101(root, seed, on_bad_image, options):
+    _check_options("food101", options, _FILE_OPTIONS)
+    root = _check_root("food101", root, _FOOD101_LAYOUT)
+    classes, train, test, root = _food101("food101", root, on_bad_image)
+    return _file_source("food101", classes, train, test, root, options, layout="food101")
+
+
+SOURCES = {
+    "synthetic": _load_synthetic,
+    "imagefolder": _load_imagefolder,
+    "imagenet1000": _load_imagenet1000,
+    "imagenet100": _load_imagenet100,
+    "food101": _load_food101,
+}
+
+
+def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> Source:
+    """Build a :class:`Source`.
+
+    Args:
+        name: one of ``synthetic``, ``imagefolder``, ``imagenet1000``, ``imagenet100``, ``food101``.
+        root: data root (ignored by ``synthetic``).
+        seed: seed of the synthetic generator (file sources ignore it).
+        on_bad_image: ``"skip"`` (unreadable images load as ``None``, warned once, counted) or ``"error"``.
+        **options: ``synthetic``: num_classes, image_size, train_per_class, test_per_class, cell, decoys, blobs,
+            lines, noise (see :class:`training.data.synthetic.SyntheticSpec`); file sources: image_size (the
+            training resolution recorded in the Source, default 224).
+
+    Raises:
+        ValueError: unknown name or on_bad_image. DataRootError (a ValueError): missing or malformed root; the
+        message names the expected layout. TypeError: unknown option.
+    """
+    if name not in SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+    return SOURCES[name](root, seed, on_bad_image, options)
