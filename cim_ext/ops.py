@@ -128,9 +128,12 @@ def _thresholds_tensor(threshold, batch, dtype, device):
     return torch.full((batch,), float(threshold), dtype=dtype, device=device)
 
 
+_MAX_BINS = 1 << 20  # the kernels' limit: finer bins than float32 maps can resolve would only cost memory
+
+
 def _check_bins(bins):
-    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 2:
-        _fail("bins", "an int >= 2", repr(bins))
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or not 2 <= bins <= _MAX_BINS:
+        _fail("bins", f"an int in [2, {_MAX_BINS}]", repr(bins))
     return int(bins)
 
 
@@ -230,6 +233,8 @@ def cam_to_boxes(fmaps, weight, labels, sizes, threshold, bins=256):
     """
     labels = _check_cam_inputs(fmaps, weight, labels)
     batch = fmaps.shape[0]
+    if fmaps.shape[2] < 1 or fmaps.shape[3] < 1:
+        _fail("fmaps", "maps of at least 1x1", f"shape {tuple(fmaps.shape)}")
     sizes = _sizes_tensor(sizes, batch, fmaps.device)
     if isinstance(threshold, str):
         if threshold != "otsu":
