@@ -92,11 +92,32 @@ REFERENCE_OPS: dict[str, Callable] = {
 }
 
 
+#: Dispatcher ops behind each public op (forward and backward kernels).
+KERNELS = {
+    "cam": ("cam", "_cam_backward"),
+    "cam_boxes": ("cam_boxes",),
+    "otsu_threshold": ("otsu_threshold",),
+    "cam_to_boxes": ("cam_to_boxes",),
+    "compress": ("compress",),
+    "uncompress": ("uncompress",),
+    "soft_compress": ("soft_compress", "_soft_compress_backward"),
+    "rational": ("rational", "_rational_backward"),
+}
+
+
+def missing_kernels(device: torch.device) -> list[str]:
+    """Public ops with no compiled kernel (forward or backward) for ``device`` in this build."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return [name for name, kernels in KERNELS.items()
+            if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"cim_ext::{k}", key) for k in kernels)]
+
+
 @contextlib.contextmanager
-def reference_ops():
+def reference_ops(names=None):
     """Within the block, ``cim_ext.<op>`` (and ``cim_ext.ops.rational`` used by ``cim_ext.nn.Rational``) are the
-    reference definitions of :data:`REFERENCE_OPS`; restored on exit."""
-    targets = [(cim_ext, name) for name in REFERENCE_OPS] + [(cim_ext.ops, "rational")]
+    reference definitions of :data:`REFERENCE_OPS` (all, or those in ``names``); restored on exit."""
+    names = list(REFERENCE_OPS) if names is None else [n for n in names if n in REFERENCE_OPS]
+    targets = [(cim_ext, name) for name in names] + ([(cim_ext.ops, "rational")] if "rational" in names else [])
     saved = [(module, name, getattr(module, name)) for module, name in targets]
     try:
         for module, name in targets:
@@ -107,11 +128,14 @@ def reference_ops():
             setattr(module, name, original)
 
 
-def ops_backend(name: str):
-    """Context manager of a setting: ``"cim_ext"`` (nothing swapped) or ``"reference"``."""
+def ops_backend(name: str, fallback=()):
+    """Context manager of a setting: ``"cim_ext"`` (nothing swapped, except the ops in ``fallback``: those without
+    a kernel on the device) or ``"reference"`` (everything swapped)."""
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
-    return reference_ops() if name == "reference" else contextlib.nullcontext()
+    if name == "reference":
+        return reference_ops()
+    return reference_ops(fallback) if fallback else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------- sizes
@@ -464,11 +488,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    info["ops_without_kernel"] = [
-        name for name in ("cam", "cam_to_boxes", "compress", "uncompress", "soft_compress", "rational")
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cim_ext::{name}", key)
-    ]
+    info["ops_without_kernel"] = missing_kernels(device)
     if device.type == "cuda":
         try:
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -479,9 +499,9 @@ def environment(device: torch.device) -> dict:
 
 
 def run_setting(backend: str, sizes: Sizes, device: torch.device, cases, *, warmup: int, min_time: float,
-                min_iters: int, max_iters: int, log=print) -> dict:
+                min_iters: int, max_iters: int, fallback=(), log=print) -> dict:
     results = {}
-    with ops_backend(backend):
+    with ops_backend(backend, fallback):
         bench = Bench(sizes, device, backend)
         for name in cases:
             try:
@@ -519,6 +539,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of cim_ext,reference")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed steps per case")
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="cim_ext setting: fail the cases that need an op without a kernel on the device instead "
+                             "of running that op's reference definition (recorded as fallback_ops)")
     parser.add_argument("--exemplar-cost", type=float, default=1.0,
                         help="mean exemplar cost in image units for the projection (exemplars = memory_size / cost)")
     args = parser.parse_args(argv)
@@ -543,12 +566,16 @@ def main(argv=None) -> int:
     info = environment(device)
     info["quick"] = args.quick
     print(f"bench.steps on {info['device_name']} (torch {info['torch']}, cuda {info['cuda']}); sizes {asdict(sizes)}")
+    fallback = [] if args.no_fallback else info["ops_without_kernel"]
+    info["fallback_ops"] = fallback
     if info["ops_without_kernel"]:
-        print(f"  note: no {device.type} kernel registered for {', '.join(info['ops_without_kernel'])}")
+        print(f"  note: no {device.type} kernel for {', '.join(info['ops_without_kernel'])}"
+              + ("; the cim_ext setting runs their reference definitions (fallback_ops)" if fallback else ""))
 
     started = time.perf_counter()
     settings = {b: run_setting(b, sizes, device, cases, warmup=warmup, min_time=min_time, min_iters=min_iters,
-                               max_iters=max_iters) for b in backends}
+                               max_iters=max_iters, fallback=fallback if b == "cim_ext" else ())
+                for b in backends}
     schedule, schedule_source = schedule_config(args.config)
     report = {"environment": info, "sizes": asdict(sizes), "settings": settings, "schedule": schedule,
               "schedule_source": schedule_source, "exemplar_cost": args.exemplar_cost,
@@ -590,6 +617,9 @@ def print_report(report: dict) -> None:
         print(f"{name:8s} " + " ".join(cells) + (f" {speed:8.2f}x" if speed else f" {'-':>9s}"))
     if report["sizes"]["batch"] < 64:
         print("(quick sizes: the numbers and the projection below are not representative)")
+    if report["environment"].get("fallback_ops"):
+        print(f"(cim_ext setting with reference definitions for {', '.join(report['environment']['fallback_ops'])}: "
+              "no kernel on this device)")
     for b, projection in report["projection"].items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in projection["hours_by_part"].items())
         print(f"projected GPU-hours, ImageNet-1000 {len(projection['phases'])} phases ({report['schedule_source']}), "

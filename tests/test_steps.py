@@ -25,6 +25,14 @@ def test_reference_ops_swaps_and_restores():
     assert cim_ext.cam is originals["cam"]
 
 
+def test_partial_swap_for_ops_without_a_kernel():
+    cam, soft = cim_ext.cam, cim_ext.soft_compress
+    with steps.ops_backend("cim_ext", fallback=["soft_compress"]):
+        assert cim_ext.soft_compress is reference.soft_compress and cim_ext.cam is cam
+    assert cim_ext.soft_compress is soft
+    assert steps.missing_kernels(torch.device("cpu")) == []  # every op has a CPU kernel in this build
+
+
 def test_reference_uncompress_matches_signature():
     images = torch.randint(0, 256, (2, 3, 9, 7), dtype=torch.uint8)
     boxes = torch.tensor([[1, 5, 2, 6], [0, 0, 0, 0]])

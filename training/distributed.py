@@ -31,6 +31,7 @@ import bisect
 import dataclasses
 import gc
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
@@ -178,7 +179,9 @@ class ProcessRuntime(Runtime):
         if self.decode_on_device and _device_images(dataset):
             return self._device_loader(dataset, batch_size, shuffle=shuffle, generator=generator,
                                        collate_fn=collate_fn, shard=shard)
-        options = {"num_workers": workers, "collate_fn": collate_fn,
+        # A private generator for the DataLoader's worker base seed, so that loaders never draw from torch's global
+        # RNG (which initialises new heads): workers need no distinct seeds, every item seeds its own augmentation.
+        options = {"num_workers": workers, "collate_fn": collate_fn, "generator": torch.Generator(),
                    "pin_memory": self.pin_memory and self.device.type == "cuda"}
         if workers > 0:
             options.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
@@ -201,15 +204,21 @@ class ProcessRuntime(Runtime):
 
     def prepare_source(self, source):
         """With ``decode_on_device``: the source's file-backed image sets replaced by :class:`DeviceDecodedImageSet`
-        (JPEG decoded on this process's device); otherwise the source unchanged."""
+        (JPEG decoded on this process's device); otherwise the source unchanged. A source without image files
+        (synthetic) turns ``decode_on_device`` off for the run, with a warning."""
         if not self.decode_on_device:
             return source
         from .data import FileImageSet
 
+        wrapped = False
         for split in ("train", "test"):
             images = getattr(source, split)
             if isinstance(images, FileImageSet):
                 setattr(source, split, DeviceDecodedImageSet(images, self.device))
+                wrapped = True
+        if not wrapped:
+            warnings.warn(f"decode_on_device: the {source.name!r} source has no image files to decode; ignored")
+            self.decode_on_device = False
         return source
 
     # ---------------------------------------------------------------- collectives
