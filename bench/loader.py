@@ -54,9 +54,9 @@ def _write_image(args) -> None:
 
 
 def generate_tree(root: str, images: int, *, classes: int = 10, quick: bool = False, seed: int = 0) -> str:
-    """An imagefolder tree (train/ and a small val/) of ``images`` generated JPEG training files."""
+    """An imagefolder tree (train/ and a val/ of ``max(classes, images // 10)``) of generated JPEG files."""
     jobs = []
-    for split, count in (("train", images), ("val", classes)):
+    for split, count in (("train", images), ("val", max(classes, images // 10))):
         for k in range(count):
             folder = os.path.join(root, split, f"n{k % classes:08d}")
             os.makedirs(folder, exist_ok=True)
@@ -172,11 +172,18 @@ def main(argv=None) -> int:
     parser.add_argument("--no-device-decode", action="store_true", help="skip the decode_on_device measurement")
     parser.add_argument("--steps", help="bench.steps JSON with the step demand (default: newest for the device)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU/CI smoke run)")
+    parser.add_argument("--generate", metavar="DIR", help="only write a generated JPEG tree (--images, --classes) to DIR")
+    parser.add_argument("--classes", type=int, default=10, help="classes of a generated tree")
     parser.add_argument("--out", help="output JSON (default bench/results/loader-<device>[-quick]-<date>.json)")
     args = parser.parse_args(argv)
 
     from training.data import load_source
     from training.distributed import ProcessRuntime
+
+    if args.generate:
+        generate_tree(args.generate, args.images or 3072, classes=args.classes, quick=args.quick)
+        print(f"wrote {args.images or 3072} training JPEG files in {args.classes} classes under {args.generate}")
+        return 0
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -198,7 +205,7 @@ def main(argv=None) -> int:
         if root is None:
             tmp = tempfile.TemporaryDirectory(prefix="bench-loader-")
             started = time.perf_counter()
-            root = generate_tree(tmp.name, count, quick=args.quick)
+            root = generate_tree(tmp.name, count, classes=args.classes, quick=args.quick)
             print(f"generated {count} JPEG files in {time.perf_counter() - started:.1f} s under {root}")
         report["root"] = args.root or "generated"
         with warnings.catch_warnings():
