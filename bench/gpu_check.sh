@@ -17,7 +17,7 @@ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 stamp build
 start=$(date +%s)
 if ! $py -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
-  tail -60 "$out/build.log"; exit 1
+  tail -60 "$out/build.log"; exit 3
 fi
 echo "build took $(( $(date +%s) - start )) s"
 $py -c "import cim_ext, torch; assert cim_ext.cuda_compiled(); print('cuda_compiled', cim_ext.cuda_compiled())" || exit 1
