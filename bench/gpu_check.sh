@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU session script: build cim_ext from source on a CUDA machine, then run the requested stages, writing logs and
+# JSON results to $OUT (default bench/results/gpu-run). Stages: tests (CUDA-marked tests), bench (kernel
+# benchmarks), steps (training-step throughput), ablation (the ablation on GPU). Usage:
+#   bash bench/gpu_check.sh tests bench
+set -uo pipefail
+out=${OUT:-bench/results/gpu-run}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+py=${PYTHON:-python3}
+stamp() { echo "== $(date +%T) $*"; }
+
+stamp environment
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/nvidia-smi.csv"
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+stamp build
+start=$(date +%s)
+if ! $py -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
+  tail -60 "$out/build.log"; exit 1
+fi
+echo "build took $(( $(date +%s) - start )) s"
+$py -c "import cim_ext, torch; assert cim_ext.cuda_compiled(); print('cuda_compiled', cim_ext.cuda_compiled())" || exit 1
+
+status=0
+for stage in "$@"; do
+  stamp "$stage"
+  case "$stage" in
+    tests)
+      $py -m pytest tests -m "cuda" -q -p no:cacheprovider -o addopts= -x --junitxml="$out/cuda-tests.xml" \
+        2>&1 | tee "$out/cuda-tests.log" | tail -40 || status=1 ;;
+    cputests)
+      $py -m pytest tests -q -p no:cacheprovider -x 2>&1 | tail -20 || status=1 ;;
+    bench)
+      $py -m bench --device cuda --out "$out/cuda-$(date +%F).json" 2>&1 | tee "$out/bench.log" | tail -60 || status=1 ;;
+    steps)
+      $py -m bench.steps --device cuda --out "$out/steps-cuda-$(date +%F).json" 2>&1 | tee "$out/steps.log" | tail -40 || status=1 ;;
+    ablation)
+      $py -m training.experiments.ablation --device cuda --gpu --out "$out/ablation-gpu" 2>&1 | tail -40 || status=1 ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+stamp done
+exit $status
