@@ -128,9 +128,12 @@ def _thresholds_tensor(threshold, batch, dtype, device):
     return torch.full((batch,), float(threshold), dtype=dtype, device=device)
 
 
+_MAX_BINS = 1 << 20  # the kernels' limit: finer bins than float32 maps can resolve would only cost memory
+
+
 def _check_bins(bins):
-    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 2:
-        _fail("bins", "an int >= 2", repr(bins))
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or not 2 <= bins <= _MAX_BINS:
+        _fail("bins", f"an int in [2, {_MAX_BINS}]", repr(bins))
     return int(bins)
 
 
@@ -230,6 +233,8 @@ def cam_to_boxes(fmaps, weight, labels, sizes, threshold, bins=256):
     """
     labels = _check_cam_inputs(fmaps, weight, labels)
     batch = fmaps.shape[0]
+    if fmaps.shape[2] < 1 or fmaps.shape[3] < 1:
+        _fail("fmaps", "maps of at least 1x1", f"shape {tuple(fmaps.shape)}")
     sizes = _sizes_tensor(sizes, batch, fmaps.device)
     if isinstance(threshold, str):
         if threshold != "otsu":
@@ -347,13 +352,17 @@ def soft_compress(images, cams, ratio):
     return torch.ops.cim_ext.soft_compress(images, cams, _check_ratio(ratio))
 
 
+# The kernels keep the coefficients in registers (csrc/*/rational_kernel.*: kMaxCoefficients).
+_MAX_RATIONAL_COEFFICIENTS = 16
+
+
 def rational(x, numerator, denominator):
     """Rational (Padé) activation, version A: ``P(x) / (1 + |b1 x| + ... + |bn x^n|)``, elementwise.
 
     Args:
         x (Tensor[...]): float (float32/float64 on CPU; also float16/bfloat16 on CUDA, computed in float32).
-        numerator (Tensor[m + 1]): a0..am.
-        denominator (Tensor[n]): b1..bn.
+        numerator (Tensor[m + 1]): a0..am (1 to 16 coefficients).
+        denominator (Tensor[n]): b1..bn (1 to 16 coefficients).
 
     Returns:
         Tensor like x. Differentiable in x and both coefficient vectors.
@@ -364,5 +373,7 @@ def rational(x, numerator, denominator):
         _check_float(name, coefficients, 1)
         if coefficients.numel() < 1:
             _fail(name, "at least one coefficient", "an empty tensor")
+        if coefficients.numel() > _MAX_RATIONAL_COEFFICIENTS:
+            _fail(name, f"at most {_MAX_RATIONAL_COEFFICIENTS} coefficients", coefficients.numel())
     _check_same_device(x=x, numerator=numerator, denominator=denominator)
     return torch.ops.cim_ext.rational(x, numerator.to(coefficient_dtype), denominator.to(coefficient_dtype))

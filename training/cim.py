@@ -40,9 +40,11 @@ __all__ = [
     "ImageBoxDataset",
     "CamDataset",
     "inner_parameter_names",
+    "meta_objective",
     "meta_step",
     "compute_boxes",
     "num_meta_iters",
+    "upcast",
     "refresh_due",
     "meta_batches",
     "clip_scale",
@@ -51,6 +53,11 @@ __all__ = [
 
 #: Parameter-name prefixes of the classifier heads, excluded from the inner (fast-weight) step.
 HEAD_PREFIXES = ("fc.", "fe_fc.", "old_fc.")
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) outputs to float32 for losses; float32/float64 unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def num_meta_iters(num_meta_iters_per_cls: float, new_classes: int) -> int:
@@ -71,6 +78,68 @@ def inner_parameter_names(model: nn.Module, head_prefixes: Iterable[str] = HEAD_
     theta, _ = split_parameters(model)
     prefixes = tuple(head_prefixes)
     return [name for name in theta if not name.startswith(prefixes)]
+
+
+def meta_objective(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    next_batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    inner_lr: float,
+    compress_ratio: float,
+    div_coef: float,
+    reg_coef: float,
+    inner_loss: Union[Callable[[dict, torch.Tensor], torch.Tensor], None] = None,
+    fast_names: Union[list[str], None] = None,
+    classifier: str = "fc",
+    autocast=None,
+) -> tuple[torch.Tensor, dict]:
+    """The CIM outer objective as a differentiable function of phi (steps 1-5 of the module docstring).
+
+    Returns (outer loss, dict of detached parts: inner, outer_ce, div, reg). Runs the model in eval mode (restored
+    afterwards). See :func:`meta_step` for the arguments.
+    """
+    images, labels = batch
+    next_images, next_labels = next_batch
+    inner_loss = inner_loss or (lambda out, y: F.cross_entropy(upcast(out["logits"]), y))
+    fast_names = inner_parameter_names(model) if fast_names is None else list(fast_names)
+    autocast = autocast or _no_autocast
+    params = dict(model.named_parameters())
+    _, phi = split_parameters(model, trainable_only=False)
+    was_training = model.training
+    model.eval()
+    try:
+        # 1. rational branch, theta detached (the compiled ops have first-order backward only).
+        detached = {name: (p if name in phi else p.detach()) for name, p in params.items()}
+        with autocast():
+            rational_out = functional_forward(model, detached, images, "rational")
+        div = F.cross_entropy(upcast(rational_out["logits"]), labels)
+        # 2. CAM of the labelled class, min-max normalised by the op.
+        weight = params[f"{classifier}.weight"].detach()
+        fmaps = rational_out["fmaps"]
+        dtype = torch.float64 if fmaps.dtype == torch.float64 else torch.float32
+        cams = cim_ext.cam(fmaps.to(dtype), weight.to(dtype), labels)
+        reg = F.mse_loss(cams, torch.zeros_like(cams))
+        # 3. soft compression of the inputs.
+        hybrid = cim_ext.soft_compress(images.to(dtype), cams, compress_ratio)
+        # 4. inner loss and one differentiable SGD step on theta minus the heads.
+        with autocast():
+            inner_out = model(hybrid, activation="relu")
+            inner = inner_loss(inner_out, labels)
+        grads = torch.autograd.grad(inner, [params[n] for n in fast_names], create_graph=True, allow_unused=True)
+        fast = {
+            name: params[name] if grad is None else params[name] - inner_lr * grad
+            for name, grad in zip(fast_names, grads)
+        }
+        # 5. outer loss of the fast weights on a fresh batch.
+        with autocast():
+            outer_out = functional_forward(model, fast, next_images, "relu")
+        outer_ce = F.cross_entropy(upcast(outer_out["logits"]), next_labels)
+        outer = outer_ce + div_coef * div + reg_coef * reg
+    finally:
+        model.train(was_training)
+    parts = {"inner": inner.detach(), "outer_ce": outer_ce.detach(), "div": div.detach(), "reg": reg.detach()}
+    return outer, parts
 
 
 def meta_step(
@@ -96,69 +165,31 @@ def meta_step(
             ``<classifier>.weight`` maps the channels of fmaps to classes (``FosterNet`` or any such toy).
         batch, next_batch: (images float [B, C, H, W], labels int64 [B]) on the model's device: the inner batch and
             the fresh batch of the outer loss.
-        phi_optimizer: optimiser over the rational coefficients.
+        phi_optimizer: optimiser over the rational coefficients (its parameters get the gradient).
         inner_lr: lr of the differentiable inner SGD step (``lr_now * lr_ratio``).
+        compress_ratio, div_coef, reg_coef: as in the config.
+        max_grad_norm: clip of phi's gradient norm (None: no clipping).
         inner_loss: ``(outputs, labels) -> loss`` of the ReLU branch on the soft-compressed batch; CE by default
             (the FOSTER loss in boosting phases).
         fast_names: parameters of the inner step; default :func:`inner_parameter_names`.
+        classifier: name of the head whose weight gives the CAM.
         autocast: a context manager factory for the forward passes (e.g. ``runtime.autocast``); None: none.
     """
-    images, labels = batch
-    next_images, next_labels = next_batch
-    inner_loss = inner_loss or (lambda out, y: F.cross_entropy(out["logits"], y))
-    fast_names = inner_parameter_names(model) if fast_names is None else list(fast_names)
-    autocast = autocast or _no_autocast
-    params = dict(model.named_parameters())
-    _, phi = split_parameters(model)
-    phi_list = list(phi.values())
-    was_training = model.training
-    model.eval()
-    try:
-        # 1. rational branch, theta detached (the compiled ops have first-order backward only).
-        detached = {name: (p if name in phi else p.detach()) for name, p in params.items()}
-        with autocast():
-            rational_out = functional_forward(model, detached, images, "rational")
-        div = F.cross_entropy(rational_out["logits"].float(), labels)
-        # 2. CAM of the labelled class, min-max normalised by the op.
-        weight = params[f"{classifier}.weight"].detach().float()
-        cams = cim_ext.cam(rational_out["fmaps"].float(), weight, labels)
-        reg = F.mse_loss(cams, torch.zeros_like(cams))
-        # 3. soft compression.
-        hybrid = cim_ext.soft_compress(images.float(), cams, compress_ratio)
-        # 4. inner loss and one differentiable SGD step on theta minus the heads.
-        with autocast():
-            inner_out = model(hybrid, activation="relu")
-            inner = inner_loss(inner_out, labels)
-        grads = torch.autograd.grad(inner, [params[n] for n in fast_names], create_graph=True, allow_unused=True)
-        fast = {
-            name: params[name] if grad is None else params[name] - inner_lr * grad
-            for name, grad in zip(fast_names, grads)
-        }
-        # 5. outer loss of the fast weights on a fresh batch; phi only.
-        with autocast():
-            outer_out = functional_forward(model, fast, next_images, "relu")
-        outer_ce = F.cross_entropy(outer_out["logits"].float(), next_labels)
-        outer = outer_ce + div_coef * div + reg_coef * reg
-        phi_grads = torch.autograd.grad(outer, phi_list, allow_unused=True)
-    finally:
-        model.train(was_training)
+    outer, parts = meta_objective(model, batch, next_batch, inner_lr=inner_lr, compress_ratio=compress_ratio,
+                                  div_coef=div_coef, reg_coef=reg_coef, inner_loss=inner_loss,
+                                  fast_names=fast_names, classifier=classifier, autocast=autocast)
+    phi_list = [p for group in phi_optimizer.param_groups for p in group["params"]]
+    phi_grads = torch.autograd.grad(outer, phi_list, allow_unused=True)
     phi_optimizer.zero_grad(set_to_none=True)
     for p, g in zip(phi_list, phi_grads):
         p.grad = None if g is None else g.detach()
-    grad_norm = (
-        torch.nn.utils.clip_grad_norm_(phi_list, max_grad_norm)
-        if max_grad_norm is not None
-        else torch.linalg.vector_norm(torch.stack([g.norm() for g in phi_grads if g is not None]))
-    )
+    present = [g for g in phi_grads if g is not None]
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(phi_list, max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in present])) if present else torch.zeros(())
     phi_optimizer.step()
-    return {
-        "inner": inner.detach(),
-        "outer": outer.detach(),
-        "outer_ce": outer_ce.detach(),
-        "div": div.detach(),
-        "reg": reg.detach(),
-        "phi_grad_norm": torch.as_tensor(grad_norm).detach(),
-    }
+    return {"outer": outer.detach(), **parts, "phi_grad_norm": torch.as_tensor(grad_norm).detach()}
 
 
 class _NoAutocast:

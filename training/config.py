@@ -38,7 +38,7 @@ __all__ = [
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 COMPRESSION_MODES = ("none", "downsample", "cam", "cim")
-BACKBONES = ("resnet18", "resnet32")
+BACKBONES = ("resnet18", "resnet32", "resnet20", "resnet14", "resnet8")
 DATASETS = ("synthetic", "imagefolder", "imagenet1000", "imagenet100", "food101")
 
 
@@ -57,6 +57,7 @@ class Config:
     data_options: dict = field(default_factory=dict)  # extra keyword options for training.data.load_source
     on_bad_image: Literal["skip", "error"] = "skip"
     image_size: Union[int, None] = None  # None: the source's native training size
+    augmentation: Literal["auto", "original", "light"] = "auto"  # auto: light for synthetic, original otherwise
     init_cls: int = 10
     increment: int = 10
     class_order_seed: int = 1993
@@ -65,7 +66,7 @@ class Config:
     memory_per_class: int = 20
     fixed_memory: bool = False
     # model
-    backbone: Literal["resnet18", "resnet32"] = "resnet18"
+    backbone: Literal["resnet18", "resnet32", "resnet20", "resnet14", "resnet8"] = "resnet18"
     # optimisation (theta: SGD + cosine; phi: Adam + cosine)
     init_epochs: int = 200
     init_theta_lr: float = 0.1
@@ -113,6 +114,11 @@ class Config:
     progress: bool = True
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def original_augmentation(self) -> bool:
+        """Whether the transforms are the original ImageNet pipeline (else the light one for small images)."""
+        return self.augmentation == "original" or (self.augmentation == "auto" and self.dataset != "synthetic")
+
     @property
     def cam_threshold(self) -> Union[float, str]:
         """The threshold handed to ``cim_ext.cam_to_boxes``: ``threshold`` if set, else ``mask_threshold``."""

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
 from . import cim as cim_lib
+from .cim import upcast
 from .config import Config, Runtime
 from .data import build_transform, class_order, collate_skip_bad, phase_classes, PhaseDataset
 from .memory import ExemplarMemory, class_budget, compress_exemplars, exemplar_costs, herding_select
@@ -130,14 +131,14 @@ def bkd_loss(pred: torch.Tensor, soft: torch.Tensor, class_weights: torch.Tensor
 def foster_loss(outputs: dict, labels: torch.Tensor, *, class_weights: Union[torch.Tensor, None], T: float,
                 lambda_okd: float) -> tuple[torch.Tensor, dict]:
     """Phase 0 (no old head): CE. Boosting: CE(logits / w) + CE(fe_logits) + lambda_okd * KD(old logits, T)."""
-    logits = outputs["logits"].float()
+    logits = upcast(outputs["logits"])
     if "old_logits" not in outputs:
         loss = F.cross_entropy(logits, labels)
         return loss, {"clf": loss.detach()}
-    old_logits = outputs["old_logits"].float().detach()
+    old_logits = upcast(outputs["old_logits"]).detach()
     known = old_logits.shape[1]
     clf = F.cross_entropy(logits / class_weights, labels)
-    fe = F.cross_entropy(outputs["fe_logits"].float(), labels)
+    fe = F.cross_entropy(upcast(outputs["fe_logits"]), labels)
     kd = lambda_okd * kd_loss(logits[:, :known], old_logits, T)
     return clf + fe + kd, {"clf": clf.detach(), "fe": fe.detach(), "kd": kd.detach()}
 
@@ -176,9 +177,9 @@ def student_step(student, teacher, images: torch.Tensor, labels: torch.Tensor, *
     """One step of FOSTER's compression stage: balanced KD of the student towards the (frozen) teacher."""
     autocast = autocast or _null
     with torch.no_grad(), autocast():
-        teacher_logits = teacher(images)["logits"].float()
+        teacher_logits = upcast(teacher(images)["logits"])
     with autocast():
-        logits = student(images)["logits"].float()
+        logits = upcast(student(images)["logits"])
         loss = bkd_loss(logits, teacher_logits, class_weights, T)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -229,11 +230,9 @@ class Foster:
         self.aug_prob = 0.0
         self.phase_log: dict = {}
         self._memory_view = None
-        self.transforms = {
-            "train": build_transform("train", self.image_size, augment=True),
-            "test": build_transform("test", self.image_size, augment=False),
-            "cam": build_transform("cam", self.image_size, augment=False),
-        }
+        augment = cfg.original_augmentation
+        self.transforms = {kind: build_transform(kind, self.image_size, augment=augment)
+                           for kind in ("train", "test", "cam")}
 
     # ---------------------------------------------------------------- PyCIL contract
     def incremental_train(self, phase: Phase) -> None:

@@ -160,11 +160,15 @@ class CifarResNet(_Backbone):
 _BACKBONES: dict[str, Callable[..., _Backbone]] = {
     "resnet18": ResNet18,
     "resnet32": lambda **kw: CifarResNet(depth=32, **kw),
+    "resnet20": lambda **kw: CifarResNet(depth=20, **kw),
+    "resnet14": lambda **kw: CifarResNet(depth=14, **kw),
+    "resnet8": lambda **kw: CifarResNet(depth=8, **kw),
 }
 
 
 def build_backbone(name: Union[str, Callable[[], nn.Module]], **kwargs) -> _Backbone:
-    """``"resnet18"`` (ImageNet stem), ``"resnet32"`` (CIFAR style), or a zero-argument factory."""
+    """``"resnet18"`` (ImageNet stem), ``"resnet32"`` / ``"resnet20"`` / ``"resnet14"`` / ``"resnet8"`` (CIFAR
+    style), or a zero-argument factory."""
     if callable(name):
         return name()
     if name not in _BACKBONES:
@@ -197,9 +201,10 @@ class FosterNet(nn.Module):
         self.backbone_name = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.backbones = nn.ModuleList()
-        self.fc: Union[nn.Linear, None] = None
-        self.fe_fc: Union[nn.Linear, None] = None
-        self.old_fc: Union[nn.Linear, None] = None
+        # Registered (empty) up front so that the parameter order never depends on the growth history: optimiser
+        # states are restored by position.
+        for head in ("fc", "fe_fc", "old_fc"):
+            self.register_module(head, None)
         self.out_dim = 0
         self.task_sizes: list[int] = []
 

@@ -15,7 +15,6 @@ with :class:`Interrupted` right after its N-th checkpoint, like a kill at that m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -116,9 +115,22 @@ def main(argv: Union[Sequence[str], None] = None) -> dict:
         stop = os.environ.get(STOP_ENV)
         return run(cfg, out_dir=args.out or default_out_dir(cfg), resume=args.resume, overwrite=args.overwrite,
                    stop_after_checkpoints=int(stop) if stop else None)
-    except ConfigError as error:
+    except (ConfigError, ValueError, TypeError, FileNotFoundError) as error:
+        # configuration, data root and option errors: one clear line, no traceback
+        if not isinstance(error, (ConfigError, FileNotFoundError)) and not _is_user_error(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        raise SystemExit(75) from None
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Errors raised while reading the data root or its options (shown without a traceback)."""
+    from .data import DataRootError
+
+    return isinstance(error, DataRootError) or getattr(error, "_cim_user_error", False)
 
 
 def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = False,
@@ -143,7 +155,13 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
     seed_everything(cfg.seed)
     options = dict(cfg.data_options)
     data_seed = int(options.pop("seed", 0))
-    source = load_source(cfg.dataset, cfg.data_root, seed=data_seed, on_bad_image=cfg.on_bad_image, **options)
+    if cfg.image_size is not None:
+        options.setdefault("image_size", cfg.image_size)
+    try:
+        source = load_source(cfg.dataset, cfg.data_root, seed=data_seed, on_bad_image=cfg.on_bad_image, **options)
+    except (TypeError, ValueError) as error:
+        error._cim_user_error = True  # a bad root or data option: reported in one line by main()
+        raise
     image_size = cfg.image_size or source.image_size
     stream = ClassStream(source, init_cls=cfg.init_cls, increment=cfg.increment, order_seed=cfg.class_order_seed)
 

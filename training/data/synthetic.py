@@ -36,8 +36,9 @@ class SyntheticSpec:
         image_size: side S of the square images (>= 16).
         train_per_class, test_per_class: images per class in each split.
         seed: every random draw (glyph design, layouts, colours) derives from it.
-        cell: side s of a sub-pattern; the glyph is 2s x 2s. ``None``: ``max(2, round(3 * S / 32))``.
-        decoys: random 2s x 2s binary patches per image, in the glyph's colours, never overlapping the glyph.
+        cell: side s of a sub-pattern; the glyph is 2s x 2s. ``None``: 3 (a 6 x 6 glyph at any image size).
+        decoys: 2s x 2s patches per image in the glyph's colours, never overlapping the glyph: random s x s
+            binary patterns drawn in 2x2 pixel cells, i.e. what any glyph looks like after compression.
         blobs, lines: background clutter per image.
         noise: standard deviation of the Gaussian pixel noise, in 0..255 units.
     """
@@ -70,7 +71,7 @@ class SyntheticSpec:
 
     @property
     def glyph_cell(self) -> int:
-        return self.cell if self.cell is not None else max(2, round(3 * self.image_size / 32))
+        return self.cell if self.cell is not None else 3
 
     @property
     def glyph_size(self) -> int:
@@ -128,52 +129,61 @@ def class_glyphs(spec: SyntheticSpec) -> torch.Tensor:
 
 
 def _paste(canvas, patterns, ys, xs, fg, bg, active):
-    """Write 2-colour patterns bool [N, g, g] at (ys, xs) into canvas [N, 3, S, S] where ``active`` [N]."""
-    n, g = patterns.shape[0], patterns.shape[-1]
-    size = canvas.shape[-1]
-    rows = ys[:, None] + torch.arange(g)  # [N, g]
-    cols = xs[:, None] + torch.arange(g)
-    colour = torch.where(patterns[:, None], fg[:, :, None, None], bg[:, :, None, None])  # [N, 3, g, g]
-    flat_index = (rows[:, :, None] * size + cols[:, None, :]).reshape(n, 1, g * g).expand(n, 3, g * g)
-    flat = canvas.reshape(n, 3, size * size)
-    updated = flat.scatter(2, flat_index, colour.reshape(n, 3, g * g))
-    return torch.where(active[:, None, None, None], updated.reshape_as(canvas), canvas)
+    """Write 2-colour patterns bool [N, g, g] at (ys, xs) into canvas [N, 3, S, S] (in place) where ``active``."""
+    rows_n = active.nonzero().flatten()
+    g = patterns.shape[-1]
+    rows = (ys[rows_n, None] + torch.arange(g))[:, :, None]  # [n, g, 1]
+    cols = (xs[rows_n, None] + torch.arange(g))[:, None, :]  # [n, 1, g]
+    colour = torch.where(patterns[rows_n, :, :, None], fg[rows_n, None, None, :], bg[rows_n, None, None, :])
+    canvas[rows_n[:, None, None], :, rows, cols] = colour  # advanced indices first: [n, g, g, 3]
 
 
 def _background(n, size, spec, gen):
+    """Gradient, then blobs, then lines (later layers on top): Tensor[N, 3, S, S] float in [0, 1]."""
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    yy, xx = coords[:, None], coords[None, :]
     # colour gradient along a random direction
-    c1, c2 = torch.rand(n, 3, generator=gen), torch.rand(n, 3, generator=gen)
-    angle = torch.rand(n, generator=gen) * (2 * torch.pi)
-    t = xx * angle.cos()[:, None, None] + yy * angle.sin()[:, None, None]
-    t = (t - t.amin((1, 2), keepdim=True)) / (t.amax((1, 2), keepdim=True) - t.amin((1, 2), keepdim=True) + 1e-6)
-    img = c1[:, :, None, None] * (1 - t[:, None]) + c2[:, :, None, None] * t[:, None]
-    # opaque elliptic blobs, a random number (0..blobs) per image
-    count = torch.randint(0, spec.blobs + 1, (n,), generator=gen)
-    for k in range(spec.blobs):
-        cy, cx = torch.rand(n, 1, 1, generator=gen), torch.rand(n, 1, 1, generator=gen)
-        ry = 0.06 + 0.2 * torch.rand(n, 1, 1, generator=gen)
-        rx = 0.06 + 0.2 * torch.rand(n, 1, 1, generator=gen)
-        colour = torch.rand(n, 3, 1, 1, generator=gen)
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        inside &= (k < count)[:, None, None]
-        img = torch.where(inside[:, None], colour, img)
-    # thin line segments, a random number (0..lines) per image
-    count = torch.randint(0, spec.lines + 1, (n,), generator=gen)
-    for k in range(spec.lines):
-        p = torch.rand(n, 2, generator=gen)
-        q = torch.rand(n, 2, generator=gen)
-        width = (1 + torch.randint(0, 2, (n, 1, 1), generator=gen)) / size  # 1 or 2 pixels
-        colour = torch.rand(n, 3, 1, 1, generator=gen)
-        d = q - p
-        length2 = (d * d).sum(1).clamp_min(1e-6)[:, None, None]
-        u = (((xx - p[:, 0, None, None]) * d[:, 0, None, None] + (yy - p[:, 1, None, None]) * d[:, 1, None, None])
-             / length2).clamp(0, 1)
-        dist2 = (xx - p[:, 0, None, None] - u * d[:, 0, None, None]) ** 2 + (
-            yy - p[:, 1, None, None] - u * d[:, 1, None, None]) ** 2
-        on = (dist2 <= (width / 2) ** 2) & (k < count)[:, None, None]
-        img = torch.where(on[:, None], colour, img)
+    c1, c2 = torch.rand(n, 3, 1, 1, generator=gen), torch.rand(n, 3, 1, 1, generator=gen)
+    angle = torch.rand(n, 1, 1, generator=gen) * (2 * torch.pi)
+    t = coords[None, None, :] * angle.cos() + coords[None, :, None] * angle.sin()  # [N, S, S]
+    low, high = t.amin((1, 2), keepdim=True), t.amax((1, 2), keepdim=True)
+    t = ((t - low) / (high - low + 1e-6))[:, None]
+    img = c1 + (c2 - c1) * t
+    # layers, later on top: opaque elliptic blobs (0..blobs per image), then thin segments (0..lines per image).
+    # `top` holds, per pixel, the id of the topmost layer covering it (0: none); ids grow in drawing order.
+    top = torch.zeros(n, size * size, dtype=torch.int64)
+    palette = [torch.zeros(n, 1, 3)]
+    if spec.blobs:
+        k = spec.blobs
+        count = torch.randint(0, k + 1, (n, 1), generator=gen)
+        centre = torch.rand(n, k, 2, generator=gen)
+        radius = 0.06 + 0.2 * torch.rand(n, k, 2, generator=gen)
+        palette.append(torch.rand(n, k, 3, generator=gen))
+        dy = ((coords - centre[..., 0:1]) / radius[..., 0:1]) ** 2  # [N, k, S], separable ellipse test
+        dx = ((coords - centre[..., 1:2]) / radius[..., 1:2]) ** 2
+        drawn = torch.arange(k) < count  # [N, k]
+        for b in range(k):
+            inside = (dy[:, b, :, None] + dx[:, b, None, :] <= 1) & drawn[:, b, None, None]
+            top.masked_fill_(inside.reshape(n, -1), b + 1)
+    if spec.lines:
+        k, first = spec.lines, 1 + spec.blobs
+        count = torch.randint(0, k + 1, (n, 1), generator=gen)
+        ends = torch.rand(n, k, 2, 2, generator=gen) * size  # [N, k, end, (y, x)] in pixels
+        wide = torch.randint(0, 2, (n, k), generator=gen).bool()  # 1- or 2-pixel brush
+        palette.append(torch.rand(n, k, 3, generator=gen))
+        steps = torch.linspace(0, 1, 2 * size)[:, None]  # < 1 pixel apart
+        points = ends[:, :, None, 0] + steps * (ends[:, :, None, 1] - ends[:, :, None, 0])  # [N, k, M, 2]
+        pixel = points.floor().long()
+        ids = torch.where(torch.arange(k) < count, torch.arange(first, first + k), 0)  # [N, k]
+        for oy, ox in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            y, x = pixel[..., 0] + oy, pixel[..., 1] + ox
+            use = (y < size) & (x < size) & (wide[..., None] | (oy + ox == 0))
+            index = (y.clamp(max=size - 1) * size + x.clamp(max=size - 1)).reshape(n, -1)
+            value = torch.where(use, ids[..., None], 0).reshape(n, -1)
+            top.scatter_reduce_(1, index, value, "amax")
+    if len(palette) > 1:
+        colours = torch.cat(palette, 1)  # [N, layers + 1, 3]
+        layer = colours.gather(1, top[..., None].expand(-1, -1, 3)).permute(0, 2, 1).reshape(n, 3, size, size)
+        img = torch.where(top.reshape(n, 1, size, size) > 0, layer, img)
     return img
 
 
@@ -196,7 +206,9 @@ def generate(spec: SyntheticSpec, split: str) -> SyntheticSplit:
     x0 = torch.randint(margin, size - g - margin + 1, (n,), generator=gen)
     tries = 16
     for _ in range(spec.decoys):
-        pattern = torch.rand(n, g, g, generator=gen) < 0.5
+        # blocky: a random s x s pattern in 2x2 pixel cells, which is what a glyph looks like once compressed
+        cells = torch.rand(n, g // 2, g // 2, generator=gen) < 0.5
+        pattern = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)
         cy = torch.randint(0, size - g + 1, (n, tries), generator=gen)
         cx = torch.randint(0, size - g + 1, (n, tries), generator=gen)
         # a candidate is free when its box (grown by one pixel) misses the glyph's box
@@ -205,8 +217,8 @@ def generate(spec: SyntheticSpec, split: str) -> SyntheticSplit:
         first = free.float().argmax(1)
         found = free.any(1)
         pick = torch.arange(n)
-        img = _paste(img, pattern, cy[pick, first], cx[pick, first], fg, bg, found)
-    img = _paste(img, glyphs[targets], y0, x0, fg, bg, torch.ones(n, dtype=torch.bool))
+        _paste(img, pattern, cy[pick, first], cx[pick, first], fg, bg, found)
+    _paste(img, glyphs[targets], y0, x0, fg, bg, torch.ones(n, dtype=torch.bool))
     if spec.noise > 0:
         img = img + torch.randn(img.shape, generator=gen) * (spec.noise / 255)
     images = (img * 255).round_().clamp_(0, 255).to(torch.uint8)
