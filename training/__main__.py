@@ -1,0 +1,4 @@
+"""``python -m training`` is ``python -m training.run``."""
+from .run import main
+
+main()

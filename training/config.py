@@ -1,0 +1,444 @@
+"""Typed run configuration: one dataclass, JSON files with the original CIM-CIL key names, ``--set`` overrides.
+
+``load_config(path_or_name, overrides)`` reads a JSON file (or a bundled config by name: ``synthetic``,
+``imagenet1000``, ``imagenet100``, ``food101``), applies ``key=value`` overrides with type conversion and checks
+every value. Unknown keys and bad values raise :class:`ConfigError` naming the valid choices.
+
+The original repository's JSON files load unchanged: its keys ``convnet_type`` and ``num_workers`` are aliases of
+``backbone`` and ``workers``; ``seed``/``device`` given as one-element lists are unwrapped; ``prefix``, ``shuffle``,
+``model_name`` and ``oofc`` are accepted and checked but have no effect (the class order is always shuffled, the
+learner is always FOSTER, ``oofc`` is unused by the original FOSTER+CIM learner).
+
+:class:`Runtime` resolves the device, distributed rank and precision settings once; learners receive it and never
+pick devices, wrap models or build samplers themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import torch
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Runtime",
+    "load_config",
+    "config_names",
+    "config_path",
+    "parse_override",
+    "resolve_runtime",
+]
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+COMPRESSION_MODES = ("none", "downsample", "cam", "cim")
+BACKBONES = ("resnet18", "resnet32", "resnet20", "resnet14", "resnet8")
+DATASETS = ("synthetic", "imagefolder", "imagenet1000", "imagenet100", "food101")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the valid choices."""
+
+
+@dataclass
+class Config:
+    """Every hyper-parameter of a run. Field names follow the original CIM-CIL JSON files where one exists;
+    docs/training.md has the table of keys and meanings."""
+
+    # data and protocol
+    dataset: Literal["synthetic", "imagefolder", "imagenet1000", "imagenet100", "food101"] = "synthetic"
+    data_root: Union[str, None] = None
+    data_options: dict = field(default_factory=dict)  # extra keyword options for training.data.load_source
+    on_bad_image: Literal["skip", "error"] = "skip"
+    image_size: Union[int, None] = None  # None: the source's native training size
+    augmentation: Literal["auto", "original", "light"] = "auto"  # auto: light for synthetic, original otherwise
+    init_cls: int = 10
+    increment: int = 10
+    class_order_seed: int = 1993
+    # exemplar memory (budget in image units)
+    memory_size: int = 2000
+    memory_per_class: int = 20
+    fixed_memory: bool = False
+    # model
+    backbone: Literal["resnet18", "resnet32", "resnet20", "resnet14", "resnet8"] = "resnet18"
+    # optimisation (theta: SGD + cosine; phi: Adam + cosine)
+    init_epochs: int = 200
+    init_theta_lr: float = 0.1
+    init_phi_lr: float = 0.01
+    init_weight_decay: float = 5e-4
+    incre_epochs: int = 170
+    incre_theta_lr: float = 0.1
+    incre_phi_lr: float = 0.01
+    incre_weight_decay: float = 5e-4
+    compression_epochs: int = 130  # FOSTER student stage; 0 skips it (the network then grows by one backbone/phase)
+    momentum: float = 0.9
+    max_phi_grad_norm: float = 1.0
+    batch_size: int = 256
+    # FOSTER
+    beta1: float = 0.97
+    beta2: float = 0.97
+    lambda_okd: float = 1.0
+    T: float = 2.0
+    is_teacher_wa: bool = False
+    is_student_wa: bool = False
+    wa_value: float = 1.0
+    # CIM
+    compression: Literal["none", "downsample", "cam", "cim"] = "cim"
+    compress_ratio: float = 4.0
+    mask_threshold: float = 0.6
+    threshold: Union[float, Literal["otsu"], None] = None  # None: mask_threshold; "otsu": per-image Otsu
+    meta_batch_size: int = 16
+    cam_batch_size: int = 16
+    num_meta_iters_per_cls: float = 0.5
+    lr_ratio: float = 0.1
+    cam_update_interval: int = 40
+    randombbxblur_prob_incre: float = 0.1
+    div_coef: float = 0.2
+    reg_coef: float = 0.1
+    # run
+    seed: int = 1993
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 4
+    amp: bool = True  # bf16 autocast; only on CUDA
+    channels_last: bool = True  # only on CUDA
+    deterministic: bool = False
+    checkpoint_every: int = 10  # epochs between checkpoints inside a phase (0: only after each phase)
+    eval_every: int = 0  # epochs between test evaluations inside a phase, for the progress bar (0: never)
+    tensorboard: bool = True
+    progress: bool = True
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def original_augmentation(self) -> bool:
+        """Whether the transforms are the original ImageNet pipeline (else the light one for small images)."""
+        return self.augmentation == "original" or (self.augmentation == "auto" and self.dataset != "synthetic")
+
+    @property
+    def cam_threshold(self) -> Union[float, str]:
+        """The threshold handed to ``cim_ext.cam_to_boxes``: ``threshold`` if set, else ``mask_threshold``."""
+        return self.mask_threshold if self.threshold is None else self.threshold
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """Build and validate a config from a dict (keys already canonical or aliases)."""
+        cfg = cls()
+        for key, value in values.items():
+            _assign(cfg, key, value, source="dict")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _convert(f.name, getattr(self, f.name), _field_types()[f.name]))
+        _check_ranges(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+#: Original CIM-CIL key -> canonical field.
+ALIASES = {"convnet_type": "backbone", "num_workers": "workers"}
+#: Original keys that are accepted, checked, and have no effect here.
+_IGNORED = {
+    "prefix": None,
+    "shuffle": (True,),
+    "model_name": ("foster",),
+    "oofc": ("ft",),
+}
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(Config)
+
+
+def config_names() -> list[str]:
+    """Names of the bundled configs."""
+    return sorted(name[:-5] for name in os.listdir(CONFIG_DIR) if name.endswith(".json"))
+
+
+def config_path(path_or_name: str) -> str:
+    """Path of a config file, or of the bundled config of that name."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    candidate = os.path.join(CONFIG_DIR, f"{path_or_name}.json")
+    if os.path.isfile(candidate):
+        return candidate
+    raise ConfigError(f"config {path_or_name!r}: no such file, and not a bundled config (one of {config_names()})")
+
+
+def load_config(path_or_name: Union[str, None] = None, overrides: Union[list, tuple] = ()) -> Config:
+    """Load a JSON config (file path or bundled name; None -> ``synthetic``) and apply ``key=value`` overrides."""
+    cfg = Config()
+    path = config_path(path_or_name or "synthetic")
+    try:
+        with open(path) as handle:
+            values = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config {path}: not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {path}: expected a JSON object of key: value pairs")
+    for key, value in values.items():
+        _assign(cfg, key, value, source=path)
+    for item in overrides or ():
+        key, value = parse_override(item)
+        _assign(cfg, key, value, source="--set")
+    return cfg.validate()
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """``"key=value"`` -> (key, value-string)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key, value
+
+
+def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
+    types = _field_types()
+    if key.startswith("data_options."):
+        sub = key.split(".", 1)[1]
+        cfg.data_options = {**cfg.data_options, sub: _loose(value)}
+        return
+    if key in _IGNORED:
+        allowed = _IGNORED[key]
+        got = _convert(key, value, bool) if key == "shuffle" else value
+        if allowed is not None and got not in allowed:
+            raise ConfigError(f"{key} ({source}): only {list(allowed)} is supported here, got {value!r}")
+        return
+    key = ALIASES.get(key, key)
+    if key not in types:
+        valid = sorted(list(types) + list(ALIASES) + list(_IGNORED))
+        raise ConfigError(f"unknown config key {key!r} ({source}); valid keys: {', '.join(valid)}")
+    if key == "seed" and isinstance(value, list):
+        if len(value) != 1:
+            raise ConfigError(f"seed ({source}): one seed per run, got the list {value!r}; run one config per seed")
+        value = value[0]
+    if key == "device" and isinstance(value, list):
+        if len(value) != 1:
+            raise ConfigError(f"device ({source}): one device per process (use torchrun for several), got {value!r}")
+        value = "cpu" if str(value[0]) == "-1" else f"cuda:{value[0]}"
+    setattr(cfg, key, _convert(key, value, types[key]))
+
+
+def _loose(value: Any) -> Any:
+    """A --set string for a free-form option: JSON if it parses (numbers, true/false, null, lists), else the string."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (JSON value or --set string) to type ``tp``; ConfigError naming the choices otherwise."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        text = value.strip() if isinstance(value, str) else value
+        if text in choices:
+            return text
+        raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            result = float(value)
+        elif isinstance(value, str):
+            try:
+                result = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        else:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(result):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return result
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key}: expected a JSON object, got {value!r}") from None
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a JSON object, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # pragma: no cover
+
+
+def _check_ranges(cfg: Config) -> None:
+    def need(cond, key, expected):
+        if not cond:
+            raise ConfigError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
+
+    for key in ("init_cls", "increment", "batch_size", "meta_batch_size", "cam_batch_size", "cam_update_interval"):
+        need(getattr(cfg, key) >= 1, key, "an integer >= 1")
+    for key in ("init_epochs", "incre_epochs", "compression_epochs", "memory_size", "memory_per_class", "workers",
+                "checkpoint_every", "eval_every"):
+        need(getattr(cfg, key) >= 0, key, "an integer >= 0")
+    for key in ("init_theta_lr", "init_phi_lr", "incre_theta_lr", "incre_phi_lr", "init_weight_decay",
+                "incre_weight_decay", "lr_ratio", "num_meta_iters_per_cls", "div_coef", "reg_coef", "lambda_okd",
+                "randombbxblur_prob_incre", "wa_value"):
+        need(getattr(cfg, key) >= 0, key, "a number >= 0")
+    need(0 <= cfg.momentum < 1, "momentum", "a number in [0, 1)")
+    need(cfg.max_phi_grad_norm > 0, "max_phi_grad_norm", "a number > 0")
+    need(cfg.T > 0, "T", "a number > 0")
+    for key in ("beta1", "beta2"):
+        need(0 < getattr(cfg, key) < 1, key, "a number in (0, 1)")
+    need(cfg.compress_ratio >= 1, "compress_ratio", "a number >= 1")
+    need(0 <= cfg.mask_threshold <= 1, "mask_threshold", "a number in [0, 1]")
+    if isinstance(cfg.threshold, float):
+        need(0 <= cfg.threshold <= 1, "threshold", "a number in [0, 1] or 'otsu'")
+    if cfg.image_size is not None:
+        need(cfg.image_size >= 8, "image_size", "an integer >= 8 (or null for the dataset's size)")
+    device = cfg.device
+    valid_device = device in ("auto", "cpu", "cuda") or (
+        device.startswith("cuda:") and device[5:].isdigit()
+    )
+    need(valid_device, "device", "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+# ---------------------------------------------------------------------------------------------------------- runtime
+@dataclass
+class Runtime:
+    """Where and how a process computes: the one place that knows devices, ranks and precision.
+
+    Learners call :meth:`autocast`, :meth:`to_device`, :meth:`prepare_model`, :meth:`wrap` and :meth:`sampler`;
+    a distributed launcher (torchrun) only needs to change this class.
+    """
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: Union[torch.dtype, None] = None
+    channels_last: bool = False
+    deterministic: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        """Autocast context for forward passes (bf16 on CUDA when amp is on; a no-op otherwise)."""
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, tensor: torch.Tensor, *, image: bool = False) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        if image and self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move a model to the device (and to channels_last when enabled), in place."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to call for gradient steps: the model itself in one process (DDP wrapping goes here)."""
+        return model
+
+    def sampler(self, dataset, *, shuffle: bool):
+        """The sampler of a training loader: None in one process (the loader shuffles with its generator)."""
+        return None
+
+    def loader_kwargs(self, workers: int) -> dict:
+        return {
+            "num_workers": workers,
+            "pin_memory": self.device.type == "cuda",
+        }
+
+
+def resolve_runtime(cfg: Config) -> Runtime:
+    """Resolve ``cfg.device`` (auto -> cuda if available), AMP/channels_last (CUDA only) and determinism."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    on_cuda = device.type == "cuda"
+    if on_cuda and device.index is not None:
+        torch.cuda.set_device(device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif on_cuda:
+        torch.backends.cudnn.benchmark = True
+    return Runtime(
+        device=device,
+        amp_dtype=torch.bfloat16 if (cfg.amp and on_cuda) else None,
+        channels_last=bool(cfg.channels_last and on_cuda),
+        deterministic=cfg.deterministic,
+    )
