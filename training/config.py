@@ -112,6 +112,11 @@ class Config:
     eval_every: int = 0  # epochs between test evaluations inside a phase, for the progress bar (0: never)
     tensorboard: bool = True
     progress: bool = True
+    # data path and processes (training.distributed; docs/scale.md)
+    pin_memory: bool = True  # page-locked loader batches (CUDA only)
+    persistent_workers: bool = True  # keep loader workers between passes over a loader (workers > 0)
+    prefetch_factor: int = 4  # batches prepared ahead by each loader worker (workers > 0)
+    sync_bn: bool = True  # under torchrun: batch-norm statistics of the global batch
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -334,7 +339,8 @@ def _check_ranges(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
 
-    for key in ("init_cls", "increment", "batch_size", "meta_batch_size", "cam_batch_size", "cam_update_interval"):
+    for key in ("init_cls", "increment", "batch_size", "meta_batch_size", "cam_batch_size", "cam_update_interval",
+                "prefetch_factor"):
         need(getattr(cfg, key) >= 1, key, "an integer >= 1")
     for key in ("init_epochs", "incre_epochs", "compression_epochs", "memory_size", "memory_per_class", "workers",
                 "checkpoint_every", "eval_every"):
@@ -366,8 +372,9 @@ def _check_ranges(cfg: Config) -> None:
 class Runtime:
     """Where and how a process computes: the one place that knows devices, ranks and precision.
 
-    Learners call :meth:`autocast`, :meth:`to_device`, :meth:`prepare_model`, :meth:`wrap` and :meth:`sampler`;
-    a distributed launcher (torchrun) only needs to change this class.
+    Learners call :meth:`autocast`, :meth:`to_device`, :meth:`prepare_model`, :meth:`wrap`, :meth:`loader` and
+    :meth:`broadcast_object` / :meth:`broadcast_tensors`; :class:`training.distributed.ProcessRuntime` (what
+    ``training.run`` uses) overrides them for torchrun.
     """
 
     device: torch.device
@@ -408,15 +415,21 @@ class Runtime:
         """The module to call for gradient steps: the model itself in one process (DDP wrapping goes here)."""
         return model
 
-    def sampler(self, dataset, *, shuffle: bool):
-        """The sampler of a training loader: None in one process (the loader shuffles with its generator)."""
-        return None
+    def loader(self, dataset, batch_size: int, *, shuffle: bool, generator=None, collate_fn=None, workers: int = 0,
+               shard: bool = True):
+        """A DataLoader over ``dataset`` (shuffled with ``generator`` when ``shuffle``; ``shard`` only matters with
+        several processes)."""
+        from torch.utils.data import DataLoader
 
-    def loader_kwargs(self, workers: int) -> dict:
-        return {
-            "num_workers": workers,
-            "pin_memory": self.device.type == "cuda",
-        }
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
+                          collate_fn=collate_fn, num_workers=workers, pin_memory=self.device.type == "cuda")
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every rank: the object itself in one process."""
+        return obj
+
+    def broadcast_tensors(self, tensors, src: int = 0) -> None:
+        """Overwrite ``tensors`` with rank ``src``'s values: nothing to do in one process."""
 
 
 def resolve_runtime(cfg: Config) -> Runtime:

@@ -329,17 +329,9 @@ class Foster:
         self.schedulers = {"student": torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=max(1, cfg.compression_epochs))}
 
     # ---------------------------------------------------------------- data
-    def _loader(self, dataset, batch_size: int, *, shuffle: bool) -> DataLoader:
-        sampler = self.runtime.sampler(dataset, shuffle=shuffle) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            generator=self.generator if shuffle else None,
-            collate_fn=collate_skip_bad,
-            **self.runtime.loader_kwargs(self.cfg.workers),
-        )
+    def _loader(self, dataset, batch_size: int, *, shuffle: bool, shard: bool = True) -> DataLoader:
+        return self.runtime.loader(dataset, batch_size, shuffle=shuffle, generator=self.generator,
+                                   collate_fn=collate_skip_bad, workers=self.cfg.workers, shard=shard)
 
     def _memory_dataset(self, transform):
         """The rebuilt exemplars as a dataset (None when the memory is empty); built once per phase, since the
@@ -451,7 +443,8 @@ class Foster:
         memory = self._memory_dataset(self.transforms["train"])
         if memory is not None:
             dataset = ConcatDataset([dataset, memory])
-        batches = cim_lib.meta_batches(self._loader(dataset, cfg.meta_batch_size, shuffle=True))
+        # every rank runs the same meta-steps on the same (unsharded) batches; phi is re-synchronised below
+        batches = cim_lib.meta_batches(self._loader(dataset, cfg.meta_batch_size, shuffle=True, shard=False))
         lr_now = self.schedulers["theta"].get_last_lr()[0]
         clip = cfg.max_phi_grad_norm * cim_lib.clip_scale(phase.index > 0)
         inner_loss = self._inner_loss()
@@ -464,6 +457,7 @@ class Foster:
                                     div_coef=cfg.div_coef, reg_coef=cfg.reg_coef, max_grad_norm=clip,
                                     inner_loss=inner_loss, autocast=rt.autocast)
             _accumulate(totals, out, 1)
+        rt.broadcast_tensors(split_parameters(self.network)[1].values())
         return _means(totals, iters, prefix="meta_")
 
     # ---------------------------------------------------------------- stage: student
@@ -502,8 +496,9 @@ class Foster:
 
     # ---------------------------------------------------------------- stage: memory
     def _compute_boxes(self, phase: Phase, activation: str) -> cim_lib.BoxTable:
-        return cim_lib.compute_boxes(self.network, self._cam_loader(phase), activation=activation,
-                                     threshold=self.cfg.cam_threshold, runtime=self.runtime)
+        table = cim_lib.compute_boxes(self.network, self._cam_loader(phase), activation=activation,
+                                      threshold=self.cfg.cam_threshold, runtime=self.runtime)
+        return self.runtime.broadcast_object(table)  # every rank uses rank 0's boxes
 
     def _final_boxes(self, phase: Phase) -> Union[cim_lib.BoxTable, None]:
         mode = self.cfg.compression
@@ -559,6 +554,7 @@ class Foster:
             boxes = table.select(kept)[0] if mode == "cam" else None
             costs = exemplar_costs(boxes, sizes, cfg.compress_ratio, mode)
             chosen = [kept[i] for i in herding_select(features, costs, budget)]
+            chosen = self.runtime.broadcast_object(chosen)  # every rank stores rank 0's choice
             images = [train.load(i) for i in chosen]
             chosen_boxes = table.select(chosen)[0] if mode == "cam" else None
             self.memory.add_class(cls, compress_exemplars(images, chosen_boxes, cfg.compress_ratio, mode,

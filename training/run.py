@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, load_config, parse_override, resolve_runtime, _assign
+from .config import Config, ConfigError, load_config, parse_override, _assign
+from .distributed import resolve_runtime
 from .foster import ClassStream, Foster
 from .metrics import MetricsHistory, RunLoggers, evaluate
 
@@ -34,7 +35,8 @@ __all__ = ["main", "run", "build_parser", "Interrupted", "seed_everything", "def
 
 STOP_ENV = "CIM_TRAINING_STOP_AFTER_CHECKPOINTS"
 #: Keys that may change when resuming (they do not affect the result on one device).
-RESUMABLE_KEYS = ("device", "workers", "progress", "checkpoint_every", "eval_every", "tensorboard", "data_root")
+RESUMABLE_KEYS = ("device", "workers", "progress", "checkpoint_every", "eval_every", "tensorboard", "data_root",
+                  "pin_memory", "persistent_workers", "prefetch_factor")
 
 
 class Interrupted(RuntimeError):
@@ -148,7 +150,7 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
             raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to start "
                               "over, or another --out")
         for name in (CHECKPOINT_NAME, "summary.json", "metrics.jsonl"):
-            if os.path.exists(os.path.join(out_dir, name)):
+            if _is_main_process() and os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
 
     runtime = resolve_runtime(cfg)
@@ -231,6 +233,12 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
     except Interrupted:
         loggers.close()
         raise
+
+
+def _is_main_process() -> bool:
+    from .distributed import launch_env
+
+    return launch_env()[0] == 0
 
 
 def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
