@@ -16,8 +16,8 @@ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 stamp build
 start=$(date +%s)
-if ! $py -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
-  tail -60 "$out/build.log"; exit 1
+if ! $py -m pip install --no-build-isolation --no-deps -e . > /tmp/cim-build.log 2>&1; then
+  cp /tmp/cim-build.log "$out/build.log"; tail -60 /tmp/cim-build.log; exit 3
 fi
 echo "build took $(( $(date +%s) - start )) s"
 $py -c "import cim_ext, torch; assert cim_ext.cuda_compiled(); print('cuda_compiled', cim_ext.cuda_compiled())" || exit 1
@@ -27,16 +27,20 @@ for stage in "$@"; do
   stamp "$stage"
   case "$stage" in
     tests)
-      $py -m pytest tests -m "cuda" -q -p no:cacheprovider -o addopts= -x --junitxml="$out/cuda-tests.xml" \
+      $py -m pytest tests -m "cuda" -q -p no:cacheprovider -o addopts= \
         2>&1 | tee "$out/cuda-tests.log" | tail -40 || status=1 ;;
     cputests)
       $py -m pytest tests -q -p no:cacheprovider -x 2>&1 | tail -20 || status=1 ;;
     bench)
       $py -m bench --device cuda --out "$out/cuda-$(date +%F).json" 2>&1 | tee "$out/bench.log" | tail -60 || status=1 ;;
     steps)
-      $py -m bench.steps --device cuda --out "$out/steps-cuda-$(date +%F).json" 2>&1 | tee "$out/steps.log" | tail -40 || status=1 ;;
+      $py -m bench.steps --device cuda --out "$out/steps-cuda-$(date +%F).json" 2>&1 | tail -40 || status=1 ;;
     ablation)
-      $py -m training.experiments.ablation --device cuda --gpu --out "$out/ablation-gpu" 2>&1 | tail -40 || status=1 ;;
+      # ABLATION_ARGS narrows the preset (e.g. "--budgets small --seeds 3"); ABLATION_TIMEOUT bounds the runs, after
+      # which the finished runs are aggregated.
+      abl=($py -m training.experiments.ablation --device cuda --gpu --out "$out/ablation-gpu" --runs /tmp/ablation-runs)
+      timeout "${ABLATION_TIMEOUT:-600}" "${abl[@]}" ${ABLATION_ARGS:-} 2>&1 | tail -20
+      "${abl[@]}" ${ABLATION_ARGS:-} --report-only 2>&1 | tail -30 || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

@@ -48,6 +48,7 @@ __all__ = [
     "refresh_due",
     "meta_batches",
     "clip_scale",
+    "box_iou",
 ]
 
 #: Parameter-name prefixes of the classifier heads, excluded from the inner (fast-weight) step.
@@ -211,6 +212,7 @@ class BoxTable:
     indices: torch.Tensor  # int64 [N]
     boxes: torch.Tensor  # int64 [N, 4]
     sizes: torch.Tensor  # int64 [N, 2] (H, W) of the original images
+    cams: Union[torch.Tensor, None] = None  # float16 [N, h, w]: the normalised CAMs the boxes came from
 
     def __post_init__(self):
         self._rows = {int(i): r for r, i in enumerate(self.indices.tolist())}
@@ -229,6 +231,12 @@ class BoxTable:
         rows = torch.tensor([self._rows[int(i)] for i in indices], dtype=torch.int64)
         return self.boxes[rows], self.sizes[rows]
 
+    def cams_of(self, indices: Iterable[int]) -> Union[torch.Tensor, None]:
+        """The stored CAMs [n, h, w] of the given indices (None when the table keeps none)."""
+        if self.cams is None:
+            return None
+        return self.cams[torch.tensor([self._rows[int(i)] for i in indices], dtype=torch.int64)]
+
     def area_fraction(self) -> float:
         """Mean box area / image area."""
         if not len(self):
@@ -244,11 +252,11 @@ class BoxTable:
         return cls(indices, zeros, zeros[:, :2].clone())
 
     def state_dict(self) -> dict:
-        return {"indices": self.indices, "boxes": self.boxes, "sizes": self.sizes}
+        return {"indices": self.indices, "boxes": self.boxes, "sizes": self.sizes, "cams": self.cams}
 
     @classmethod
     def from_state(cls, state: Union[dict, None]) -> Union["BoxTable", None]:
-        return None if state is None else cls(state["indices"], state["boxes"], state["sizes"])
+        return None if state is None else cls(state["indices"], state["boxes"], state["sizes"], state.get("cams"))
 
 
 class ImageBoxDataset(Dataset):
@@ -320,7 +328,7 @@ def compute_boxes(model: nn.Module, loader, *, activation: str, threshold: Union
     """
     was_training = model.training
     model.eval()
-    indices, boxes, sizes = [], [], []
+    indices, boxes, sizes, cams = [], [], [], []
     weight = getattr(model, classifier).weight.detach().float()
     try:
         for images, labels, index, size in _maybe_tqdm(loader, progress, "boxes"):
@@ -330,6 +338,7 @@ def compute_boxes(model: nn.Module, loader, *, activation: str, threshold: Union
                 fmaps = model(images, activation=activation)["fmaps"]
             size_dev = size.to(runtime.device)
             b = cim_ext.cam_to_boxes(fmaps.float(), weight, labels, size_dev, threshold)
+            cams.append(cim_ext.cam(fmaps.float(), weight, labels).to(torch.float16).cpu())
             indices.append(index.to(torch.int64))
             boxes.append(b.cpu())
             sizes.append(size)
@@ -338,7 +347,7 @@ def compute_boxes(model: nn.Module, loader, *, activation: str, threshold: Union
     if not indices:
         empty = torch.zeros(0, dtype=torch.int64)
         return BoxTable(empty, empty.reshape(0, 4), empty.reshape(0, 2))
-    return BoxTable(torch.cat(indices), torch.cat(boxes), torch.cat(sizes))
+    return BoxTable(torch.cat(indices), torch.cat(boxes), torch.cat(sizes), torch.cat(cams))
 
 
 def _maybe_tqdm(iterable, enabled: bool, desc: str):
@@ -364,3 +373,13 @@ def clip_scale(boosting: bool) -> float:
     """The original clips phi's gradient at max_phi_grad_norm in phase 0 and sqrt(2) x that when boosting."""
     return math.sqrt(2.0) if boosting else 1.0
 
+
+def box_iou(boxes: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """IoU of paired boxes (y0, y1, x0, x1), int64 [N, 4] each -> float64 [N] (0 where the union is empty)."""
+    boxes, other = boxes.to(torch.int64), other.to(torch.int64)
+    height = (torch.minimum(boxes[:, 1], other[:, 1]) - torch.maximum(boxes[:, 0], other[:, 0])).clamp(min=0)
+    width = (torch.minimum(boxes[:, 3], other[:, 3]) - torch.maximum(boxes[:, 2], other[:, 2])).clamp(min=0)
+    inter = (height * width).double()
+    area = lambda b: ((b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])).double()  # noqa: E731
+    union = area(boxes) + area(other) - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))

@@ -215,6 +215,7 @@ class Foster:
         self.network: Union[FosterNet, None] = None
         self.student_net: Union[FosterNet, None] = None
         self.memory = ExemplarMemory(ratio=cfg.compress_ratio, mode=memory_mode(cfg.compression))
+        self.exemplar_cams: dict = {}  # class id -> {"indices", "cams"} of its exemplars at selection (visualize)
         self.generator = torch.Generator()
         self.generator.manual_seed(cfg.seed)
         self.known = 0
@@ -538,6 +539,9 @@ class Foster:
         table = self._final_boxes(phase)
         if table is not None and cfg.compression in ("cam", "cim"):
             self.phase_log["boxes_area"] = table.area_fraction()
+            truth = getattr(self.stream.source.train, "object_boxes", None)  # synthetic: true object boxes
+            if truth is not None and len(table):
+                self.phase_log["box_iou"] = float(cim_lib.box_iou(table.boxes, truth[table.indices]).mean())
         mode = self.memory.mode
         train = self.stream.source.train
         for cls in phase.classes:
@@ -557,6 +561,9 @@ class Foster:
             chosen_boxes = table.select(chosen)[0] if mode == "cam" else None
             self.memory.add_class(cls, compress_exemplars(images, chosen_boxes, cfg.compress_ratio, mode,
                                                           indices=chosen, label=cls))
+            if mode == "cam" and table.cams is not None:
+                self.exemplar_cams[cls] = {"indices": torch.tensor(chosen, dtype=torch.int64),
+                                           "cams": table.cams_of(chosen)}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -598,6 +605,7 @@ class Foster:
             "aug_prob": self.aug_prob,
             "phase_log": dict(self.phase_log),
             "memory": self.memory.state_dict(),
+            "exemplar_cams": self.exemplar_cams,
             "generator": self.generator.get_state(),
         }
 
@@ -616,6 +624,7 @@ class Foster:
         self.network = build(state["network"])
         self.student_net = build(state["student"])
         self.memory.load_state_dict(state["memory"])
+        self.exemplar_cams = dict(state.get("exemplar_cams", {}))
         self._memory_view = None
         self.class_weights = None if state["class_weights"] is None else state["class_weights"].to(rt.device)
         self.boxes = cim_lib.BoxTable.from_state(state["boxes"])

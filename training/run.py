@@ -252,6 +252,7 @@ def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
         "memory_cost": memory.total_cost(),
         "memory_bytes": memory.bytes_held(),
         "box_area_fraction": learner.phase_log.get("boxes_area"),
+        "box_iou": learner.phase_log.get("box_iou"),
         "phase_seconds": seconds,
     }
     student = result.get("student_predictions")

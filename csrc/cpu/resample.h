@@ -7,6 +7,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -35,9 +36,26 @@ C10_HOST_DEVICE inline float nearest_exact_scale(int64_t in_size, int64_t out_si
 // ATen's CPU variant multiplies in double and rounds the product to float; for dst < 2^24 both products are the
 // correctly rounded float product of the same exact operands, so one formula serves both.
 C10_HOST_DEVICE inline int64_t nearest_exact_index(float scale, int64_t dst, int64_t in_size) {
-  const auto src = static_cast<int64_t>(floorf((static_cast<float>(dst) + 0.5f) * scale));
+  // The floored value is at most about in_size: the 32-bit conversion is exact (and much cheaper on GPUs).
+  const int64_t src = static_cast<int>(floorf((static_cast<float>(dst) + 0.5f) * scale));
   return src < in_size - 1 ? src : in_size - 1;
 }
+
+// One axis of the down-then-up gather, evaluated on the fly (CUDA; on CPU the maps depend on the ATen kernel, see
+// below): up(i) is the source of output i in the nearest-exact resize small -> full, down_up(i) the source of i in
+// full -> small -> full.
+struct NearestAxis {
+  float down_scale;  // full -> small
+  float up_scale;    // small -> full
+  int64_t full;
+  int64_t small;
+
+  static NearestAxis make(int64_t full_size, int64_t small_size) {
+    return {nearest_exact_scale(full_size, small_size), nearest_exact_scale(small_size, full_size), full_size, small_size};
+  }
+  C10_HOST_DEVICE int64_t up(int64_t i) const { return nearest_exact_index(up_scale, i, small); }
+  C10_HOST_DEVICE int64_t down_up(int64_t i) const { return nearest_exact_index(down_scale, up(i), full); }
+};
 
 // The two taps of a bilinear (align_corners=False) resize for output pixel `dst`, in the accumulation type acc_t
 // (area_pixel_compute_source_index + compute_source_index_and_lambda): src = scale * (dst + 0.5) - 0.5 clamped at
@@ -92,6 +110,32 @@ C10_HOST_DEVICE inline LinearTap<acc_t> linear_tap(int64_t dst, int64_t in_size,
   tap.w1 = w1;
   return tap;
 }
+
+#if defined(__CUDACC__)
+// Launch layout of the row kernels: threads over (column chunk, row, sample), x fastest, kThreads per block; rows
+// and samples beyond the grid limits are covered by grid-stride loops in the kernels.
+struct Tiles {
+  dim3 grid;
+  dim3 block;
+};
+
+// With enough work each thread takes several rows, so that its per-column setup is amortised.
+inline Tiles row_tiles(int64_t batch, int64_t height, int64_t chunks, int64_t threads = 256) {
+  const int64_t tx = std::min<int64_t>(threads, std::max<int64_t>(32, (chunks + 31) / 32 * 32));
+  const int64_t ty = threads / tx;
+  const int64_t grid_x = (chunks + tx - 1) / tx;
+  const int64_t grid_z = std::min<int64_t>(std::max<int64_t>(batch, 1), 65535);
+  const int64_t row_blocks = (height + ty - 1) / ty;
+  const int64_t rows_per_thread = grid_x * grid_z * row_blocks >= 16384 ? 4 : 1;
+  Tiles tiles;
+  tiles.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty), 1);
+  tiles.grid = dim3(
+      static_cast<unsigned>(grid_x),
+      static_cast<unsigned>(std::min<int64_t>((row_blocks + rows_per_thread - 1) / rows_per_thread, 65535)),
+      static_cast<unsigned>(grid_z));
+  return tiles;
+}
+#endif  // defined(__CUDACC__)
 
 #if !defined(__CUDACC__)
 // ---------------------------------------------------------------------------------------------------- CPU only
