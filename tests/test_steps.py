@@ -91,3 +91,19 @@ def test_quick_cli(tmp_path, capsys):
     assert set(report["speedup"]) == set(steps.CASES)
     printed = capsys.readouterr().out
     assert "projected GPU-hours" in printed and "speed-up" in printed
+
+
+def test_loader_quick(tmp_path):
+    from bench import loader
+
+    out = tmp_path / "loader.json"
+    steps_json = tmp_path / "steps.json"
+    steps_json.write_text(json.dumps({"settings": {"cim_ext": {"boost": {"images_per_s": 100.0}}}}))
+    assert loader.main(["--quick", "--device", "cpu", "--workers", "0", "--out", str(out),
+                        "--steps", str(steps_json)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("workers=0", "device", "memory"):
+        assert report["results"][name]["images_per_s"] > 0, name
+    assert report["results"]["device"]["images"] == report["results"]["workers=0"]["images"]
+    assert report["step_demand"]["boost"] == 100.0
+    assert "fraction_of_fastest_step" in report["results"]["workers=0"]

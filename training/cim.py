@@ -290,7 +290,8 @@ class ImageBoxDataset(Dataset):
         size = torch.tensor(image.shape[-2:], dtype=torch.int64)
         if self.boxes is not None and self.prob > 0 and index in self.boxes:
             if self.prob >= 1 or float(torch.rand(())) < self.prob:
-                image = cim_ext.compress(image[None], self.boxes.box(index)[None], self.ratio)[0]
+                box = self.boxes.box(index)[None].to(image.device)  # images may be decoded on the GPU
+                image = cim_ext.compress(image[None], box, self.ratio)[0]
         label = self.label_map[int(self.imageset.targets[index])]
         if self.return_size:
             return self.transform(image), label, index, size

@@ -117,6 +117,7 @@ class Config:
     persistent_workers: bool = True  # keep loader workers between passes over a loader (workers > 0)
     prefetch_factor: int = 4  # batches prepared ahead by each loader worker (workers > 0)
     sync_bn: bool = True  # under torchrun: batch-norm statistics of the global batch
+    decode_on_device: bool = False  # JPEG decoding (nvJPEG), transforms and memory rebuild on the run's device
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -383,6 +384,7 @@ class Runtime:
     amp_dtype: Union[torch.dtype, None] = None
     channels_last: bool = False
     deterministic: bool = False
+    decode_on_device: bool = False  # images decoded, transformed and rebuilt on ``device`` (training.distributed)
 
     @property
     def is_main(self) -> bool:

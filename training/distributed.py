@@ -27,16 +27,18 @@ Loader options (``pin_memory``, ``persistent_workers``, ``prefetch_factor``) com
 from __future__ import annotations
 
 import atexit
+import bisect
 import dataclasses
 import gc
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, Sampler, SequentialSampler
 
 from .config import Config, ConfigError, Runtime
 from .config import resolve_runtime as _resolve_device
@@ -49,6 +51,8 @@ __all__ = [
     "SeededDataset",
     "GlobalBatchNorm2d",
     "convert_batchnorm",
+    "DeviceDecodedImageSet",
+    "DeviceDecodeLoader",
 ]
 
 
@@ -83,7 +87,7 @@ def resolve_runtime(cfg: Config) -> "ProcessRuntime":
     else:
         base = _resolve_device(cfg)
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Runtime)}
-    fields.update(rank=rank, world_size=world)
+    fields.update(rank=rank, world_size=world, decode_on_device=cfg.decode_on_device)
     return ProcessRuntime(**fields, sync_bn=cfg.sync_bn, pin_memory=cfg.pin_memory,
                           persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
 
@@ -171,6 +175,9 @@ class ProcessRuntime(Runtime):
         with ``shard`` (and more than one process) each rank gets its part of every global batch, else every rank
         gets whole batches (the CIM meta-step, which every rank runs on the same batches). ``shuffle=False``: the
         dataset in order, whole, on every rank."""
+        if self.decode_on_device and _device_images(dataset):
+            return self._device_loader(dataset, batch_size, shuffle=shuffle, generator=generator,
+                                       collate_fn=collate_fn, shard=shard)
         options = {"num_workers": workers, "collate_fn": collate_fn,
                    "pin_memory": self.pin_memory and self.device.type == "cuda"}
         if workers > 0:
@@ -181,6 +188,29 @@ class ProcessRuntime(Runtime):
         sampler = GlobalBatchSampler(len(dataset), batch_size, generator=generator,
                                      rank=self.rank if sharded else 0, world_size=self.world_size if sharded else 1)
         return DataLoader(SeededDataset(dataset), batch_sampler=sampler, **options)
+
+    def _device_loader(self, dataset, batch_size, *, shuffle, generator, collate_fn, shard):
+        if shuffle:
+            sharded = shard and self.distributed
+            sampler = GlobalBatchSampler(len(dataset), batch_size, generator=generator,
+                                         rank=self.rank if sharded else 0,
+                                         world_size=self.world_size if sharded else 1)
+            return DeviceDecodeLoader(SeededDataset(dataset), sampler, collate_fn=collate_fn)
+        sampler = BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False)
+        return DeviceDecodeLoader(dataset, sampler, collate_fn=collate_fn)
+
+    def prepare_source(self, source):
+        """With ``decode_on_device``: the source's file-backed image sets replaced by :class:`DeviceDecodedImageSet`
+        (JPEG decoded on this process's device); otherwise the source unchanged."""
+        if not self.decode_on_device:
+            return source
+        from .data import FileImageSet
+
+        for split in ("train", "test"):
+            images = getattr(source, split)
+            if isinstance(images, FileImageSet):
+                setattr(source, split, DeviceDecodedImageSet(images, self.device))
+        return source
 
     # ---------------------------------------------------------------- collectives
     def broadcast_object(self, obj, src: int = 0):
@@ -354,3 +384,155 @@ def convert_batchnorm(module: nn.Module, *, cuda: bool) -> nn.Module:
         elif not isinstance(child, target):
             convert_batchnorm(child, cuda=cuda)
     return module
+
+
+# ---------------------------------------------------------------------------------------------------- device decoding
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+class DeviceDecodedImageSet(Dataset):
+    """A :class:`training.data.FileImageSet` whose JPEG files are decoded on ``device`` with
+    ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA), a batch at a time.
+
+    :class:`DeviceDecodeLoader` calls :meth:`prefetch` with the indices of a batch (files read by a thread pool,
+    one batched decode); :meth:`load` then returns the decoded uint8 [3, H, W] image on the device, so the
+    transforms, box compression and collation of the learner's datasets run on the device. Other formats and files
+    the decoder rejects go through the wrapped set's own ``load`` (PIL, its bad-image policy), moved to the device.
+    """
+
+    def __init__(self, files, device: torch.device, *, threads: int = 8):
+        self.files = files
+        self.targets = files.targets
+        self.object_boxes = getattr(files, "object_boxes", None)
+        self.device = torch.device(device)
+        self.threads = threads
+        self._ready: dict = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.load(i), int(self.targets[i])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pool"], state["_ready"] = None, {}
+        return state
+
+    @property
+    def bad_count(self) -> int:
+        return self.files.bad_count
+
+    def path(self, i) -> str:
+        return self.files.path(i)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg-read")
+        return self._pool
+
+    def read(self, indices) -> list:
+        """Futures of the raw bytes (uint8 tensors) of the JPEG files among ``indices``: [(index, future)]."""
+        from torchvision.io import read_file
+
+        jobs = []
+        for i in indices:
+            path = self.files.path(i)
+            if path.lower().endswith(JPEG_SUFFIXES):
+                jobs.append((int(i), self._executor().submit(read_file, path)))
+        return jobs
+
+    def prefetch(self, jobs) -> None:
+        """Decode the files of :meth:`read` (one batched call; one at a time if the batch fails)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = []
+        for i, future in jobs:
+            try:
+                data.append((i, future.result()))
+            except OSError:
+                pass  # unreadable: load() falls back to the wrapped set, which applies the bad-image policy
+        if not data:
+            return
+        try:
+            images = decode_jpeg([d for _, d in data], mode=ImageReadMode.RGB, device=self.device)
+            self._ready.update((i, image) for (i, _), image in zip(data, images))
+        except RuntimeError:
+            for i, raw in data:
+                try:
+                    self._ready[i] = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError:
+                    pass
+
+    def load(self, i):
+        image = self._ready.pop(int(i), None)
+        if image is None:
+            image = self.files.load(i)
+            if image is not None:
+                image = image.to(self.device)
+        return image
+
+
+def _locate(dataset, i: int):
+    """(DeviceDecodedImageSet, index) that item ``i`` of a (nested) dataset loads, or None."""
+    while True:
+        if isinstance(dataset, ConcatDataset):
+            part = bisect.bisect_right(dataset.cumulative_sizes, i)
+            i -= dataset.cumulative_sizes[part - 1] if part else 0
+            dataset = dataset.datasets[part]
+            continue
+        images, indices = getattr(dataset, "imageset", None), getattr(dataset, "indices", None)
+        if isinstance(images, DeviceDecodedImageSet) and indices is not None:
+            return images, int(indices[i])
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            return None
+        dataset = inner
+
+
+def _device_images(dataset) -> bool:
+    """Whether any item of ``dataset`` comes from a DeviceDecodedImageSet."""
+    if isinstance(dataset, ConcatDataset):
+        return any(_device_images(d) for d in dataset.datasets)
+    if isinstance(getattr(dataset, "imageset", None), DeviceDecodedImageSet):
+        return True
+    inner = getattr(dataset, "dataset", None)
+    return inner is not None and _device_images(inner)
+
+
+class DeviceDecodeLoader:
+    """Batches of a dataset built in this process, with the JPEG files of each batch read by threads one batch
+    ahead and decoded on the device in one call (see :class:`DeviceDecodedImageSet`); used instead of a DataLoader
+    (no worker processes: the device cannot be shared with forked workers)."""
+
+    def __init__(self, dataset, batch_sampler, *, collate_fn=None):
+        from torch.utils.data import default_collate
+
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.collate_fn = collate_fn or default_collate
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def _plan(self, keys):
+        groups: dict = {}
+        for key in keys:
+            index = key[0] if isinstance(key, tuple) else key
+            found = _locate(self.dataset.dataset if isinstance(self.dataset, SeededDataset) else self.dataset, index)
+            if found is not None:
+                groups.setdefault(id(found[0]), (found[0], []))[1].append(found[1])
+        return [(images, images.read(indices)) for images, indices in groups.values()]
+
+    def __iter__(self):
+        batches = iter(self.batch_sampler)
+        keys = next(batches, None)
+        plan = self._plan(keys) if keys is not None else None
+        while keys is not None:
+            following = next(batches, None)
+            following_plan = self._plan(following) if following is not None else None  # reads overlap this batch
+            for images, jobs in plan:
+                images.prefetch(jobs)
+            yield self.collate_fn([self.dataset[key] for key in keys])
+            keys, plan = following, following_plan

@@ -520,8 +520,9 @@ class ExemplarMemory:
                 "classes": per_class}
 
     # ---- rebuilding -----------------------------------------------------------------------------------------
-    def _rebuild(self, records):
-        """uint8 images of the records (list order), one cim_ext.uncompress call per (size, small size) group."""
+    def _rebuild(self, records, device=None):
+        """uint8 images of the records (list order), one cim_ext.uncompress call per (size, small size) group, on
+        ``device`` (default: where the memory is held, the CPU)."""
         out = [None] * len(records)
         groups: dict[tuple, list[int]] = {}
         for n, record in enumerate(records):
@@ -530,20 +531,23 @@ class ExemplarMemory:
             small = torch.stack([self._unpack_small(records[n]) for n in members])
             boxes = torch.tensor([records[n].box for n in members], dtype=torch.int64).reshape(-1, 4)
             crops = torch.cat([records[n].crop for n in members]) if members else small.new_empty(0)
+            if device is not None:
+                small, crops, boxes = small.to(device), crops.to(device), boxes.to(device)
             images = cim_ext.uncompress(small, crops, boxes, size)
             for row, n in enumerate(members):
                 out[n] = images[row]
         return out
 
-    def images(self, labels=None):
+    def images(self, labels=None, device=None):
         """Rebuilt uint8 images [C, H, W] (class order, then stored order), equal to ``cim_ext.compress`` of the
-        originals with their boxes."""
-        return self._rebuild([record for _, record in self._records(labels)])
+        originals with their boxes; rebuilt on ``device`` if given (e.g. the GPU, in batches)."""
+        return self._rebuild([record for _, record in self._records(labels)], device)
 
-    def dataset(self, transform=None, label_map=None, *, labels=None, cache=False):
-        """A :class:`MemoryDataset` over the current exemplars (a snapshot: later changes do not affect it)."""
+    def dataset(self, transform=None, label_map=None, *, labels=None, cache=False, device=None):
+        """A :class:`MemoryDataset` over the current exemplars (a snapshot: later changes do not affect it); images
+        rebuilt on ``device`` if given."""
         items = list(self._records(labels))
-        return MemoryDataset(self, items, transform=transform, label_map=label_map, cache=cache)
+        return MemoryDataset(self, items, transform=transform, label_map=label_map, cache=cache, device=device)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self):
@@ -589,17 +593,19 @@ class MemoryDataset(Dataset):
 
     ``transform`` takes a uint8 [C, H, W] tensor (None: the uint8 image itself); ``label_map`` maps memory labels
     to training labels (None: identity); ``index`` is the exemplar's source index in its training ImageSet.
-    With ``cache`` all images are rebuilt once (batched); otherwise each item is rebuilt on access.
+    With ``cache`` all images are rebuilt once (batched); otherwise each item is rebuilt on access; on ``device``
+    if given (default: the CPU).
     """
 
-    def __init__(self, memory, items, *, transform=None, label_map=None, cache=False):
+    def __init__(self, memory, items, *, transform=None, label_map=None, cache=False, device=None):
         self._memory = memory
         self._records = [record for _, record in items]
         self.targets = np.array([label if label_map is None else label_map[label] for label, _ in items],
                                 dtype=np.int64)
         self.indices = np.array([record.index for record in self._records], dtype=np.int64)
         self.transform = transform
-        self._cache = memory._rebuild(self._records) if cache else None
+        self.device = device
+        self._cache = memory._rebuild(self._records, device) if cache else None
 
     def __len__(self):
         return len(self._records)
@@ -608,7 +614,7 @@ class MemoryDataset(Dataset):
         """The rebuilt uint8 image of item ``i``."""
         if self._cache is not None:
             return self._cache[i]
-        return self._memory._rebuild([self._records[i]])[0]
+        return self._memory._rebuild([self._records[i]], self.device)[0]
 
     def __getitem__(self, i):
         image = self.load(i)

@@ -164,6 +164,7 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
     except (TypeError, ValueError) as error:
         error._cim_user_error = True  # a bad root or data option: reported in one line by main()
         raise
+    source = runtime.prepare_source(source)  # decode_on_device: JPEG files decoded on the device
     image_size = cfg.image_size or source.image_size
     stream = ClassStream(source, init_cls=cfg.init_cls, increment=cfg.increment, order_seed=cfg.class_order_seed)
 
