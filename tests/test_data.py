@@ -66,17 +66,18 @@ def test_synthetic_shapes_boxes_and_glyphs(size):
     assert split.targets.dtype == torch.int64 and split.targets.tolist() == sorted(split.targets.tolist())
     assert split.boxes.shape == (n, 4) and split.boxes.dtype == torch.int64
     y0, y1, x0, x1 = split.boxes.unbind(1)
-    g = spec.glyph_size
+    g = spec.object_size
+    assert g == 6 * size // 32
     assert bool(((y1 - y0) == g).all() and ((x1 - x0) == g).all())
     assert bool((y0 >= spec.margin).all() and (x0 >= spec.margin).all())
     assert bool((y1 <= size - spec.margin).all() and (x1 <= size - spec.margin).all())
-    glyphs = class_glyphs(spec)
+    glyphs = class_glyphs(spec).repeat(1, size // 32, size // 32)
     for i in range(n):
         box = split.images[i, :, y0[i] : y1[i], x0[i] : x1[i]].int()
         colours = torch.unique(box.reshape(3, -1), dim=1)
         assert colours.shape[1] == 2, "the glyph is drawn in exactly two colours"
         bright = box.sum(0) > colours.sum(0).float().mean()
-        assert torch.equal(bright, glyphs[split.targets[i]]), f"image {i}: box does not hold its class glyph"
+        assert torch.equal(bright, glyphs[split.targets[i]]), f"image {i}: box does not hold its class object"
 
 
 def test_synthetic_glyph_design_hides_class_under_2x_subsampling():

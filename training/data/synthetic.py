@@ -1,16 +1,16 @@
 """Procedural image set whose class evidence is a small, fine-grained object on a class-independent background.
 
-Each image holds one *glyph*: a ``2s x 2s`` binary pattern drawn in two colours (bright on dark) at a random position,
-on a cluttered background (colour gradient, opaque blobs, thin lines, decoy patches, pixel noise) drawn from the same
-distribution for every class. The glyph of a class interleaves four fixed ``s x s`` sub-patterns ``A_0..A_3`` on the
-four 2x2 sub-lattices (row parity, column parity); a class is one assignment (a permutation of the four) of the
-sub-patterns to the sub-lattices, so there are at most 24 classes.
+Each image holds one *object*: a class *glyph* (a ``2s x 2s`` binary pattern), tiled ``t x t`` times, drawn in two
+colours (bright on dark) at a random position, on a cluttered background (colour gradient, opaque blobs, thin lines,
+decoy patches, pixel noise) drawn from the same distribution for every class. The glyph of a class interleaves four
+fixed ``s x s`` sub-patterns ``A_0..A_3`` on the four 2x2 sub-lattices (row parity, column parity); a class is one
+assignment (a permutation of the four) of the sub-patterns to the sub-lattices, so there are at most 24 classes.
 
 Why compression hurts here: nearest-exact downsampling by 2 per side (compression ratio 4) keeps exactly one
-sub-lattice of the image. Which one is kept depends on the parity of the glyph's random position, so the surviving
+sub-lattice of the image. Which one is kept depends on the parity of the object's random position, so the surviving
 sub-pattern is one of ``A_0..A_3`` with the same probability for every class: the class evidence is gone and a
 classifier of whole-image downsampled inputs is at chance. Keeping the object's box at full resolution (the box is
-:attr:`Synthetic.boxes`) keeps all the evidence. The sub-patterns are chosen so that no horizontally flipped
+:attr:`SyntheticSplit.boxes`) keeps all the evidence. The sub-patterns are chosen so that no horizontally flipped
 sub-pattern is one of them; a flipped glyph is therefore never another class's glyph (flip augmentation keeps labels).
 
 Everything is drawn from a ``torch.Generator`` seeded from ``seed``: the same seed gives bit-identical tensors.
@@ -36,9 +36,12 @@ class SyntheticSpec:
         image_size: side S of the square images (>= 16).
         train_per_class, test_per_class: images per class in each split.
         seed: every random draw (glyph design, layouts, colours) derives from it.
-        cell: side s of a sub-pattern; the glyph is 2s x 2s. ``None``: 3 (a 6 x 6 glyph at any image size).
-        decoys: 2s x 2s patches per image in the glyph's colours, never overlapping the glyph: random s x s
-            binary patterns drawn in 2x2 pixel cells, i.e. what any glyph looks like after compression.
+        cell: side s of a sub-pattern; the glyph is 2s x 2s. ``None``: 3.
+        tiles: the object is the glyph tiled ``tiles x tiles`` times (the period 2s is even, so every tile shows the
+            same sub-lattices): the object grows with the image while its detail stays one pixel. ``None``:
+            ``max(1, S // 32)``, i.e. a 6 x 6 object at 32 x 32, 12 x 12 at 64 x 64 (3.5 % of the image).
+        decoys: object-sized patches per image in the object's colours, never overlapping it: random binary
+            patterns drawn in 2x2 pixel cells, i.e. what any object looks like after compression.
         blobs, lines: background clutter per image.
         noise: standard deviation of the Gaussian pixel noise, in 0..255 units.
     """
@@ -49,6 +52,7 @@ class SyntheticSpec:
     test_per_class: int = 40
     seed: int = 0
     cell: int | None = None
+    tiles: int | None = None
     decoys: int = 2
     blobs: int = 4
     lines: int = 3
@@ -61,8 +65,13 @@ class SyntheticSpec:
             raise ValueError(f"synthetic: image_size must be >= 16, got {self.image_size}")
         if self.train_per_class < 1 or self.test_per_class < 1:
             raise ValueError("synthetic: train_per_class and test_per_class must be >= 1")
-        if self.cell is not None and not 2 <= self.cell <= self.image_size // 4:
-            raise ValueError(f"synthetic: cell must be in 2..{self.image_size // 4}, got {self.cell}")
+        if self.cell is not None and self.cell < 2:
+            raise ValueError(f"synthetic: cell must be >= 2, got {self.cell}")
+        if self.tiles is not None and self.tiles < 1:
+            raise ValueError(f"synthetic: tiles must be >= 1, got {self.tiles}")
+        if self.object_size + 2 * self.margin > self.image_size:
+            raise ValueError(f"synthetic: the {self.object_size} x {self.object_size} object (2 * cell * tiles) and "
+                             f"its {self.margin}-pixel margins do not fit in {self.image_size} x {self.image_size}")
         for name in ("decoys", "blobs", "lines"):
             if getattr(self, name) < 0:
                 raise ValueError(f"synthetic: {name} must be >= 0, got {getattr(self, name)}")
@@ -78,6 +87,15 @@ class SyntheticSpec:
         return 2 * self.glyph_cell
 
     @property
+    def glyph_tiles(self) -> int:
+        return self.tiles if self.tiles is not None else max(1, self.image_size // 32)
+
+    @property
+    def object_size(self) -> int:
+        """Side of the object (and of its box): the glyph tiled ``glyph_tiles`` times."""
+        return self.glyph_size * self.glyph_tiles
+
+    @property
     def margin(self) -> int:
         """Distance kept between the glyph and the image border (a random crop with padding S/8 keeps it whole)."""
         return self.image_size // 8
@@ -87,7 +105,7 @@ class SyntheticSpec:
 class SyntheticSplit:
     images: torch.Tensor  # uint8 [N, 3, S, S]
     targets: torch.Tensor  # int64 [N], class-sorted
-    boxes: torch.Tensor  # int64 [N, 4] (y0, y1, x0, x1), half-open: the glyph
+    boxes: torch.Tensor  # int64 [N, 4] (y0, y1, x0, x1), half-open: the object
 
 
 def _generator(seed, stream):
@@ -194,7 +212,7 @@ def generate(spec: SyntheticSpec, split: str) -> SyntheticSplit:
     per_class = spec.train_per_class if split == "train" else spec.test_per_class
     glyphs = class_glyphs(spec)
     gen = _generator(spec.seed, split)
-    size, g, margin = spec.image_size, spec.glyph_size, spec.margin
+    size, g, margin = spec.image_size, spec.object_size, spec.margin
     targets = torch.arange(spec.num_classes).repeat_interleave(per_class)
     n = targets.numel()
 
@@ -218,7 +236,8 @@ def generate(spec: SyntheticSpec, split: str) -> SyntheticSplit:
         found = free.any(1)
         pick = torch.arange(n)
         _paste(img, pattern, cy[pick, first], cx[pick, first], fg, bg, found)
-    _paste(img, glyphs[targets], y0, x0, fg, bg, torch.ones(n, dtype=torch.bool))
+    objects = glyphs.repeat(1, spec.glyph_tiles, spec.glyph_tiles)
+    _paste(img, objects[targets], y0, x0, fg, bg, torch.ones(n, dtype=torch.bool))
     if spec.noise > 0:
         img = img + torch.randn(img.shape, generator=gen) * (spec.noise / 255)
     images = (img * 255).round_().clamp_(0, 255).to(torch.uint8)
