@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-device-decode", action="store_true", help="skip the decode_on_device measurement")
     parser.add_argument("--steps", help="bench.steps JSON with the step demand (default: newest for the device)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU/CI smoke run)")
-    parser.add_argument("--generate", metavar="DIR", help="only write a generated JPEG tree (--images, --classes) to DIR")
+    parser.add_argument("--generate", metavar="DIR",
+                        help="only write a generated JPEG tree (--images, --classes) to DIR")
     parser.add_argument("--classes", type=int, default=10, help="classes of a generated tree")
     parser.add_argument("--out", help="output JSON (default bench/results/loader-<device>[-quick]-<date>.json)")
     args = parser.parse_args(argv)

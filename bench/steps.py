@@ -22,8 +22,8 @@ with ResNet-18 at 224, batch 256, meta batch 16, 100 old + 100 new classes, 1300
 ``reference``  the same step functions with every cim_ext op swapped for its plain-PyTorch definition in
                :mod:`cim_ext.reference`, float32, no autocast, contiguous NCHW: the original setting
 
-The swap (:func:`reference_ops`) replaces the public op functions on the ``cim_ext`` module (and ``cim_ext.ops.rational``,
-which ``cim_ext.nn.Rational`` calls) for the duration of a ``with`` block. The training code needs no backend
+The swap (:func:`reference_ops`) replaces the public op functions on the ``cim_ext`` module (and
+``cim_ext.ops.rational``, which ``cim_ext.nn.Rational`` calls) for the duration of a ``with`` block. The training code needs no backend
 parameter: every call site in ``training`` resolves ``cim_ext.<op>`` when it runs (tests/test_steps.py checks that the
 swap reaches the learner's calls). Convolutions keep PyTorch's defaults in both settings (cuDNN may use TF32 for
 float32 convolutions, as the original did); cudnn.benchmark is on in both.
@@ -52,7 +52,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Union
 
 import torch
-import torch.nn.functional as F
 
 import cim_ext
 from cim_ext import reference as _ref
@@ -60,7 +59,7 @@ from cim_ext import reference as _ref
 from training import cim as cim_lib
 from training.config import ConfigError, Runtime, load_config
 from training.foster import class_balance_weights, foster_loss, student_step, train_step
-from training.memory import class_budget, exemplar_costs, herding_select
+from training.memory import exemplar_costs, herding_select
 from training.models import FosterNet, split_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -169,8 +169,8 @@ def _assert_same_run(single_dir, multi_dir):
 
     The summation order differs between 1 and 2 processes (conv gradients over 4 + 4 images vs 8, batch-norm sums),
     and this tiny net amplifies rounding quickly, hence the small learning rates of TINY. Measured: weights within
-    2e-5 and batch-norm running statistics within 1e-4 of their largest value; with rank-local batch norm (sync_bn=false) they
-    differ by 8e-4 and 0.7, and the memories differ."""
+    2e-5 and batch-norm running statistics within 1e-4 of their largest value; with rank-local batch norm
+    (sync_bn=false) the weights differ by 1e-3 and the statistics by 0.7, and the memories differ."""
     one = json.loads(open(os.path.join(single_dir, "summary.json")).read())
     two = json.loads(open(os.path.join(multi_dir, "summary.json")).read())
     for a, b in zip(one["per_phase"], two["per_phase"], strict=True):
@@ -282,10 +282,11 @@ def test_full_method_two_processes(tmp_path):
     for a, b in zip(one["per_phase"], rank0["per_phase"], strict=True):
         assert abs(a["top1"] - b["top1"]) <= 2 * 100 / a["num_samples"] + 1e-9
         assert abs(a["extra"]["exemplars"] - b["extra"]["exemplars"]) <= 2
-    phi1 = {k: v for k, v in load_checkpoint(os.path.join(single, CHECKPOINT_NAME))["learner"]["network"]["state"].items()
-            if "rational" in k}
-    phi2 = {k: v for k, v in load_checkpoint(str(tmp_path / "multi" / CHECKPOINT_NAME))["learner"]["network"][
-        "state"].items() if "rational" in k}
+    def phi(run_dir):
+        state = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))["learner"]["network"]["state"]
+        return {k: v for k, v in state.items() if "rational" in k}
+
+    phi1, phi2 = phi(single), phi(str(tmp_path / "multi"))
     assert phi1.keys() == phi2.keys() and phi1
     assert max(float((phi1[k] - phi2[k]).abs().max()) for k in phi1) < 1e-3
 

@@ -250,7 +250,10 @@ def _scale_gradients(output, scale: torch.Tensor):
         return None
     if scale.device.type == "cpu" and float(scale) == 1.0:
         return None
-    values = output.values() if isinstance(output, dict) else (output if isinstance(output, (list, tuple)) else [output])
+    if isinstance(output, dict):
+        values = output.values()
+    else:
+        values = output if isinstance(output, (list, tuple)) else [output]
     for value in values:
         if isinstance(value, torch.Tensor) and value.requires_grad:
             value.register_hook(lambda grad, scale=scale: grad * scale.to(grad.dtype))
