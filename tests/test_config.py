@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from training.config import Config, ConfigError, config_names, load_config, resolve_runtime
+from training.foster import theta_optimizer
 
 # Hyper-parameters of the original xfflzl/CIM-CIL exps/cim-*.json files (facts the bundled configs must reproduce).
 ORIGINAL_COMMON = {
@@ -65,6 +66,7 @@ def test_overrides_convert_types():
     ("no_such_key=1", ["unknown config key 'no_such_key'", "init_cls", "compression"]),
     ("compression=jpeg", ["compression", "'none'", "'downsample'", "'cam'", "'cim'"]),
     ("backbone=vgg", ["backbone", "'resnet18'", "'resnet32'"]),
+    ("theta_optimizer=adam", ["theta_optimizer", "'sgd'", "'adamw'"]),
     ("threshold=high", ["threshold", "'otsu'"]),
     ("init_epochs=1.5", ["init_epochs", "integer"]),
     ("fixed_memory=maybe", ["fixed_memory", "boolean"]),
@@ -121,3 +123,21 @@ def test_runtime_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_runtime(load_config("synthetic", ["device=cuda"]))
+
+
+@pytest.mark.parametrize("name, expected", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_theta_optimizer(name, expected):
+    cfg = load_config("synthetic", [f"theta_optimizer={name}", "momentum=0.5"])
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = theta_optimizer(cfg, [weight], 0.01, 1e-4)
+    assert type(opt) is expected
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.01 and group["weight_decay"] == 1e-4
+    if name == "sgd":
+        assert group["momentum"] == 0.5
+
+
+def test_original_configs_keep_sgd():
+    for name in ("imagenet1000", "imagenet100", "food101"):
+        assert load_config(name).theta_optimizer == "sgd"
+    assert load_config("synthetic").theta_optimizer == "adamw"

@@ -67,7 +67,8 @@ class Config:
     fixed_memory: bool = False
     # model
     backbone: Literal["resnet18", "resnet32", "resnet20", "resnet14", "resnet8"] = "resnet18"
-    # optimisation (theta: SGD + cosine; phi: Adam + cosine)
+    # optimisation (theta: SGD or AdamW + cosine; phi: Adam + cosine)
+    theta_optimizer: Literal["sgd", "adamw"] = "sgd"
     init_epochs: int = 200
     init_theta_lr: float = 0.1
     init_phi_lr: float = 0.01

@@ -116,6 +116,14 @@ def class_balance_weights(counts, beta: float) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def theta_optimizer(cfg: Config, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The backbone/classifier optimiser of ``cfg.theta_optimizer``: SGD with ``cfg.momentum`` (the original) or
+    AdamW."""
+    if cfg.theta_optimizer == "adamw":
+        return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(list(params), lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
+
+
 def kd_loss(pred: torch.Tensor, soft: torch.Tensor, T: float) -> torch.Tensor:
     """Original FOSTER/PyCIL KD: ``-sum(softmax(soft/T) * log_softmax(pred/T)) / B``."""
     return -(torch.softmax(soft / T, dim=1) * torch.log_softmax(pred / T, dim=1)).sum() / pred.shape[0]
@@ -310,11 +318,10 @@ class Foster:
         first = phase.index == 0
         epochs = max(1, cfg.init_epochs if first else cfg.incre_epochs)
         theta, phi = split_parameters(self.network)
-        sgd = torch.optim.SGD(list(theta.values()), lr=cfg.init_theta_lr if first else cfg.incre_theta_lr,
-                              momentum=cfg.momentum,
-                              weight_decay=cfg.init_weight_decay if first else cfg.incre_weight_decay)
-        self.optimizers = {"theta": sgd}
-        self.schedulers = {"theta": torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=epochs)}
+        opt = theta_optimizer(cfg, theta.values(), cfg.init_theta_lr if first else cfg.incre_theta_lr,
+                                    cfg.init_weight_decay if first else cfg.incre_weight_decay)
+        self.optimizers = {"theta": opt}
+        self.schedulers = {"theta": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)}
         if cfg.compression == "cim":
             adam = torch.optim.Adam(list(phi.values()), lr=cfg.init_phi_lr if first else cfg.incre_phi_lr,
                                     weight_decay=cfg.init_weight_decay if first else cfg.incre_weight_decay)
@@ -324,9 +331,10 @@ class Foster:
     def _make_student_optimizer(self) -> None:
         cfg = self.cfg
         theta, _ = split_parameters(self.student_net)
-        sgd = torch.optim.SGD(list(theta.values()), lr=cfg.incre_theta_lr, momentum=cfg.momentum)
-        self.optimizers = {"student": sgd}
-        self.schedulers = {"student": torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=max(1, cfg.compression_epochs))}
+        opt = theta_optimizer(cfg, theta.values(), cfg.incre_theta_lr, 0.0)  # the original student has no decay
+        self.optimizers = {"student": opt}
+        self.schedulers = {"student": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.compression_epochs))}
+
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, shard: bool = True) -> DataLoader:

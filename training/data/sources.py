@@ -337,7 +337,7 @@ def _food101(name, root, on_bad_image):
 # ---------------------------------------------------------------------------------------------------------- loaders
 
 _SYNTHETIC_OPTIONS = ("num_classes", "image_size", "train_per_class", "test_per_class", "cell", "decoys", "blobs",
-                      "lines", "noise")
+                      "lines", "noise", "tiles")
 _FILE_OPTIONS = ("image_size",)
 
 

@@ -39,7 +39,7 @@ class SyntheticSpec:
         cell: side s of a sub-pattern; the glyph is 2s x 2s. ``None``: 3.
         tiles: the object is the glyph tiled ``tiles x tiles`` times (the period 2s is even, so every tile shows the
             same sub-lattices): the object grows with the image while its detail stays one pixel. ``None``:
-            ``max(1, S // 32)``, i.e. a 6 x 6 object at 32 x 32, 12 x 12 at 64 x 64 (3.5 % of the image).
+            ``max(1, S // 16)``, i.e. a 12 x 12 object at 32 x 32 and 24 x 24 at 64 x 64 (14 % of the image).
         decoys: object-sized patches per image in the object's colours, never overlapping it: random binary
             patterns drawn in 2x2 pixel cells, i.e. what any object looks like after compression.
         blobs, lines: background clutter per image.
@@ -88,7 +88,7 @@ class SyntheticSpec:
 
     @property
     def glyph_tiles(self) -> int:
-        return self.tiles if self.tiles is not None else max(1, self.image_size // 32)
+        return self.tiles if self.tiles is not None else max(1, self.image_size // 16)
 
     @property
     def object_size(self) -> int:
