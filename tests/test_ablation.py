@@ -160,3 +160,11 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     ab.main(_tiny_args(tmp_path))  # resumable: finished runs are reused, not rerun
     assert os.path.getmtime(run_dir / "summary.json") == stamp
     assert "to do" not in capsys.readouterr().out
+
+
+def test_empty_box_warning():
+    by_setting = {"none": {"box_area_fraction": None}, "cam": {"box_area_fraction": {"mean": 0.4, "std": 0.1}},
+                  "cim": {"box_area_fraction": {"mean": 0.0, "std": 0.0}}}
+    lines = ab._empty_box_warnings(by_setting)
+    assert len(lines) == 1
+    assert ab.SETTINGS["cim"].label in lines[0] and "empty boxes" in lines[0]

@@ -67,11 +67,11 @@ def test_synthetic_shapes_boxes_and_glyphs(size):
     assert split.boxes.shape == (n, 4) and split.boxes.dtype == torch.int64
     y0, y1, x0, x1 = split.boxes.unbind(1)
     g = spec.object_size
-    assert g == 6 * size // 32
+    assert g == 6 * size // 16
     assert bool(((y1 - y0) == g).all() and ((x1 - x0) == g).all())
     assert bool((y0 >= spec.margin).all() and (x0 >= spec.margin).all())
     assert bool((y1 <= size - spec.margin).all() and (x1 <= size - spec.margin).all())
-    glyphs = class_glyphs(spec).repeat(1, size // 32, size // 32)
+    glyphs = class_glyphs(spec).repeat(1, size // 16, size // 16)
     for i in range(n):
         box = split.images[i, :, y0[i] : y1[i], x0[i] : x1[i]].int()
         colours = torch.unique(box.reshape(3, -1), dim=1)

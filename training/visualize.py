@@ -190,7 +190,7 @@ def plot_exemplars(view: RunView, rows: Sequence[dict], path: str) -> str:
     figure.suptitle(
         f"{os.path.basename(os.path.normpath(view.run_dir))}: compression={cfg.compression}, threshold="
         f"{threshold_text}, ratio {cfg.compress_ratio:g}; {len(memory)} exemplars of {len(memory.classes())} "
-        f"classes, {memory.bytes_held() / 1024:.1f} KiB held", fontsize=10)
+        f"classes, {memory.bytes_held() / 1024:.1f} KiB held", fontsize=10, y=1 - 0.2 / figure.get_figheight())
     if not rows:
         axes = figure.add_subplot(1, 1, 1)
         axes.axis("off")
