@@ -51,6 +51,19 @@ def test_cam(benchmark, impl):
     _measure(benchmark, lambda: fn(fmaps, weight, labels), op="cam", impl=impl, bytes_moved=moved)
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference", "compiled"])
+def test_cam_forward_backward(benchmark, impl):
+    """Gradients for fmaps and weight (the CIM meta-step's path); the fmaps are read twice and their gradient
+    written once."""
+    fmaps, weight, labels = cases.cam_inputs()
+    fmaps.requires_grad_(True)
+    weight.requires_grad_(True)
+    fn = {"kernel": cim_ext.cam, "reference": reference.cam, "compiled": _compiled(reference.cam)}[impl]
+    grad = torch.ones(fmaps.shape[0], fmaps.shape[2], fmaps.shape[3], device=fmaps.device)
+    run = lambda: torch.autograd.grad(fn(fmaps, weight, labels), (fmaps, weight), grad)  # noqa: E731
+    _measure(benchmark, run, op="cam[forward_backward]", impl=impl, bytes_moved=3 * _nbytes(fmaps))
+
+
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_cam_boxes(benchmark, impl):
     cams = cases.normalized_cams()
