@@ -319,7 +319,7 @@ class Foster:
         epochs = max(1, cfg.init_epochs if first else cfg.incre_epochs)
         theta, phi = split_parameters(self.network)
         opt = theta_optimizer(cfg, theta.values(), cfg.init_theta_lr if first else cfg.incre_theta_lr,
-                                    cfg.init_weight_decay if first else cfg.incre_weight_decay)
+                              cfg.init_weight_decay if first else cfg.incre_weight_decay)
         self.optimizers = {"theta": opt}
         self.schedulers = {"theta": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)}
         if cfg.compression == "cim":
@@ -334,7 +334,6 @@ class Foster:
         opt = theta_optimizer(cfg, theta.values(), cfg.incre_theta_lr, 0.0)  # the original student has no decay
         self.optimizers = {"student": opt}
         self.schedulers = {"student": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.compression_epochs))}
-
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, shard: bool = True) -> DataLoader:
