@@ -9,6 +9,8 @@ Measures images/s of
 ``student``  a FOSTER compression-stage step (student + frozen teacher)     :func:`training.foster.student_step`
 ``meta0``    a CIM bilevel meta-step, second order, phase-0 network         :func:`training.cim.meta_step`
 ``meta``     the same on the boosting network (FOSTER inner loss)
+``meta0_first_order``, ``meta_first_order``  the same two with ``meta_gradient="first_order"`` (theta detached in
+             the rational branch): what the exact second-order gradient costs
 ``infer``    an evaluation forward of the boosting network (no grad)
 ``memory``   exemplar selection + storage + rebuild for one class: CAM boxes (``cim_ext.cam_to_boxes`` on the
              rational branch), features of the box-compressed views (``cim_ext.compress``), cost-aware herding
@@ -18,7 +20,7 @@ Measures images/s of
 with ResNet-18 at 224, batch 256, meta batch 16, 100 old + 100 new classes, 1300 candidate images per class
 (``--quick``: tiny sizes for CPU/CI), in two settings:
 
-``cim_ext``    the compiled cim_ext ops; on CUDA with AMP bf16 autocast and channels_last (the training default)
+``cim_ext``    the compiled cim_ext ops; on CUDA with AMP bf16 autocast and channels_last (``amp=true``)
 ``reference``  the same step functions with every cim_ext op swapped for its plain-PyTorch definition in
                :mod:`cim_ext.reference`, float32, no autocast, contiguous NCHW: the original setting
 
@@ -64,7 +66,7 @@ from training.models import FosterNet, split_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("cim_ext", "reference")
-CASES = ("train0", "boost", "student", "meta0", "meta", "infer", "memory")
+CASES = ("train0", "boost", "student", "meta0", "meta", "meta0_first_order", "meta_first_order", "infer", "memory")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -273,7 +275,10 @@ class Bench:
 
         return step, self.sizes.batch
 
-    def _meta(self, net, inner_loss, classes):
+    def _meta(self, boosting, meta_gradient="exact"):
+        net, classes = (self.boost, self.sizes.known + self.sizes.new) if boosting else (self.phase0, self.sizes.known)
+        weights = self.weights if boosting else None
+        inner_loss = lambda out, y: foster_loss(out, y, class_weights=weights, T=2.0, lambda_okd=1.0)[0]  # noqa: E731
         optimizer = self._adam(net)
         net.train()
 
@@ -284,17 +289,21 @@ class Bench:
             return cim_lib.meta_step(net, first, second, phi_optimizer=optimizer, inner_lr=0.01,
                                      compress_ratio=self.sizes.ratio, div_coef=0.2, reg_coef=0.1,
                                      max_grad_norm=math.sqrt(2.0), inner_loss=inner_loss,
-                                     autocast=self.runtime.autocast)
+                                     autocast=self.runtime.autocast, meta_gradient=meta_gradient)
 
         return step, self.sizes.meta_batch
 
     def _case_meta0(self):
-        inner = lambda out, y: foster_loss(out, y, class_weights=None, T=2.0, lambda_okd=1.0)[0]  # noqa: E731
-        return self._meta(self.phase0, inner, self.sizes.known)
+        return self._meta(boosting=False)
 
     def _case_meta(self):
-        inner = lambda out, y: foster_loss(out, y, class_weights=self.weights, T=2.0, lambda_okd=1.0)[0]  # noqa: E731
-        return self._meta(self.boost, inner, self.sizes.known + self.sizes.new)
+        return self._meta(boosting=True)
+
+    def _case_meta0_first_order(self):
+        return self._meta(boosting=False, meta_gradient="first_order")
+
+    def _case_meta_first_order(self):
+        return self._meta(boosting=True, meta_gradient="first_order")
 
     def _case_infer(self):
         net = self.boost

@@ -1,10 +1,14 @@
 """Fake (meta) kernels and autograd formulas of the compiled cim_ext operators.
 
 Backward ops are private operators with their own CPU and CUDA kernels; they only compute what
-``ctx.needs_input_grad`` asks for (the other output is an empty tensor). Double backward is not supported and
-raises a clear error.
+``ctx.needs_input_grad`` asks for (the other output is an empty tensor). First-order gradients always run those
+kernels. The backward ops carry their own autograd, so gradients of any order exist: when a graph is built through a
+backward op (``create_graph=True``, as in the CIM meta-step), its derivative is the vector-Jacobian product of the
+plain-PyTorch twin in :mod:`cim_ext.reference`, recomputed with autograd (exact, at reference speed).
 """
 import torch
+
+from . import reference
 
 _lib = "cim_ext::"
 
@@ -97,6 +101,11 @@ def _save_inputs(ctx, inputs, output):
     ctx.scalars = [None if isinstance(t, torch.Tensor) else t for t in inputs]
 
 
+def _saved_inputs(ctx):
+    """The op's inputs as :func:`_save_inputs` kept them, tensors and scalars in their places."""
+    return [s if t is None else t for t, s in zip(ctx.saved_tensors, ctx.scalars)]
+
+
 def _cam_backward(ctx, grad):
     fmaps, weight, labels, _ = ctx.saved_tensors
     normalize = ctx.scalars[3]
@@ -131,18 +140,71 @@ def _rational_backward(ctx, grad):
     )
 
 
-def _no_double_backward(op):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"double backward through cim_ext.{op} is not supported: its backward is a compiled kernel "
-            "without a derivative. Detach its inputs where second-order terms are not needed."
+def _promoted(tensor):
+    """float16/bfloat16 -> float32 (the kernels compute half inputs in float32); other dtypes unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _backward_of_backward(reference_fn, need):
+    """Autograd formula of a backward op ``(grad, *primals, *scalars) -> grads of the primals``.
+
+    ``reference_fn(values)`` is the op's forward from :mod:`cim_ext.reference` on the backward op's argument list
+    (values[1:] are the forward's arguments); ``need(values)`` says which primal gradients the backward op computed.
+    The backward op is the vector-Jacobian product of that forward, so its own derivative is the VJP of a VJP, taken
+    with ``torch.func.vjp``: partial derivatives even where a primal depends on another one (a chain of rational
+    activations sharing coefficients), and connected to the caller's graph when it builds one (third order).
+    """
+
+    def backward(ctx, *out_grads):
+        values = _saved_inputs(ctx)
+        primals = [i for i, v in enumerate(values) if i > 0 and isinstance(v, torch.Tensor) and v.is_floating_point()]
+        wanted = [i for i, flag in zip(primals, need(values)) if flag]
+        varied = [0] + [i for i in primals if i in wanted or ctx.needs_input_grad[i]]
+
+        def first_order(*tensors):
+            local = list(values)
+            for i, t in zip(varied, tensors):
+                local[i] = _promoted(t)
+
+            def forward(*wanted_tensors):
+                for i, t in zip(wanted, wanted_tensors):
+                    local[i] = t
+                return reference_fn(local)
+
+            out, pullback = torch.func.vjp(forward, *[local[i] for i in wanted])
+            return pullback(local[0].to(out.dtype))
+
+        computed, pullback = torch.func.vjp(first_order, *[values[i] for i in varied])
+        cotangents = [g for g, flag in zip(out_grads, need(values)) if flag]
+        cotangents = tuple(torch.zeros_like(c) if g is None else g.to(c.dtype) for c, g in zip(computed, cotangents))
+        by_slot = dict(zip(varied, pullback(cotangents)))
+        return tuple(
+            by_slot[i].to(v.dtype) if ctx.needs_input_grad[i] and i in by_slot else None for i, v in enumerate(values)
         )
 
     return backward
 
 
+def _cam_reference(values):
+    return reference.cam(*values[1:5])
+
+
+def _soft_compress_reference(values):
+    return reference.soft_compress(*values[1:4])
+
+
+def _rational_reference(values):
+    return reference.rational(*values[1:4])
+
+
+_BACKWARD_AUTOGRAD = {
+    "cam": (_cam_reference, lambda inputs: (inputs[5], inputs[6])),
+    "soft_compress": (_soft_compress_reference, lambda inputs: (inputs[4], inputs[5])),
+    "rational": (_rational_reference, lambda inputs: (inputs[4], inputs[5], inputs[5])),
+}
+
 for _name, _backward in (("cam", _cam_backward), ("soft_compress", _soft_compress_backward), ("rational", _rational_backward)):
     torch.library.register_autograd(_lib + _name, _backward, setup_context=_save_inputs)
     torch.library.register_autograd(
-        _lib + "_" + _name + "_backward", _no_double_backward(_name), setup_context=lambda ctx, inputs, output: None
+        _lib + "_" + _name + "_backward", _backward_of_backward(*_BACKWARD_AUTOGRAD[_name]), setup_context=_save_inputs
     )

@@ -342,7 +342,7 @@ def soft_compress(images, cams, ratio):
         ratio (float): >= 1.
 
     Returns:
-        Tensor[B, C, H, W]. Differentiable (first order) in images and cams.
+        Tensor[B, C, H, W]. Differentiable (to any order) in images and cams.
     """
     _check_images(images, allow_uint8=False)
     _check_cams(cams, images.shape[0])

@@ -4,8 +4,10 @@ These are the specification the compiled kernels are tested against: slow, per-s
 per-sample, built only from documented torch functions. Argument checking lives in :mod:`cim_ext.ops`; these
 functions assume valid input.
 """
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,7 @@ __all__ = [
     "down_size",
     "upsample",
     "down_up",
+    "down_up_gather",
     "cam",
     "cam_boxes",
     "otsu_threshold",
@@ -40,6 +43,36 @@ def down_up(images, ratio):
     height, width = images.shape[-2:]
     small = F.interpolate(images, size=down_size(height, width, ratio), mode="nearest-exact")
     return F.interpolate(small, size=(height, width), mode="nearest-exact")
+
+
+def _nearest_exact_source(in_size, out_size):
+    """Source index of each output pixel of a nearest-exact resize, in PyTorch's float32 arithmetic:
+    ``min(floor((dst + 0.5) * float(in / out)), in - 1)``."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    return np.minimum(np.floor((dst + np.float32(0.5)) * scale).astype(np.int64), in_size - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _down_up_source(height, width, ratio):
+    # NumPy, not torch: this also runs inside torch.func transforms, whose tensors must not be cached.
+    small_h, small_w = down_size(height, width, ratio)
+    rows = _nearest_exact_source(height, small_h)[_nearest_exact_source(small_h, height)]
+    cols = _nearest_exact_source(width, small_w)[_nearest_exact_source(small_w, width)]
+    return (rows[:, None] * width + cols[None, :]).reshape(-1)
+
+
+def down_up_gather(images, ratio):
+    """:func:`down_up` on a CUDA tensor as a gather of the source pixels, with the index map of PyTorch's CUDA
+    nearest-exact kernels (float32 scale for every dtype): the same values, and a gradient that is exactly the
+    adjoint of the forward. PyTorch's CUDA nearest backward recomputes the map with its own float arithmetic and
+    can route a gradient to a neighbour of the pixel read (pytorch/pytorch#97135); its CPU backward reuses the
+    forward's map (which, on CPU, depends on the dtype), so CPU tensors keep :func:`down_up`."""
+    height, width = images.shape[-2:]
+    if not images.is_cuda or height * width == 0:
+        return down_up(images, ratio)
+    source = torch.from_numpy(_down_up_source(int(height), int(width), float(ratio))).to(images.device)
+    return images.flatten(-2).index_select(-1, source).view(images.shape)
 
 
 def _per_sample_sizes(sizes, batch):
@@ -143,7 +176,7 @@ def uncompress(small, crops, boxes, height, width):
 def soft_compress(images, cams, ratio):
     """``up * x + (1 - up) * down_up(x)`` with ``up`` the bilinear upsampling of ``cams`` to the image size."""
     up = upsample(cams, images.shape[-2:])[:, None]
-    return up * images + (1 - up) * down_up(images, ratio)
+    return up * images + (1 - up) * down_up_gather(images, ratio)
 
 
 def rational(x, numerator, denominator):

@@ -1,10 +1,12 @@
-"""training.cim: the bilevel meta-step (phi only, finite-difference gradient check), CAM boxes, box datasets."""
+"""training.cim: the bilevel meta-step (phi only; its exact gradient against a plain-PyTorch build of the original's
+meta-objective and against finite differences), CAM boxes, box datasets."""
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import cim_ext
+from cim_ext import reference
 from training.cim import (
     BoxTable,
     CamDataset,
@@ -18,6 +20,7 @@ from training.cim import (
 )
 from training.config import Runtime
 from training.data import build_transform, collate_skip_bad
+from training.foster import foster_loss
 from training.models import FosterNet, split_parameters
 
 
@@ -127,6 +130,70 @@ def test_meta_objective_phi_gradient_matches_finite_differences():
         numeric = (plus - minus) / (2 * eps)
         analytic = float(sum((g * d).sum() for g, d in zip(grads, directions)))
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+
+
+def _original_phi_gradient(net, batch, next_batch, *, inner_lr, ratio, div_coef, reg_coef, inner_loss):
+    """phi's gradient of the original's meta-objective (xfflzl/CIM-CIL models/foster.py, the meta-iteration), built
+    from plain PyTorch: the cim_ext.reference ops (rational, cam via bmm, bilinear upsampling, down_up) and autograd,
+    theta detached nowhere. Requires the Rational modules to evaluate cim_ext.reference.rational (monkeypatched)."""
+    (x, y), (x2, y2) = batch, next_batch
+    params = dict(net.named_parameters())
+    phi = {n: p for n, p in params.items() if p.requires_grad and ".rational." in n}
+    theta = {n: p for n, p in params.items() if p.requires_grad and ".rational." not in n and "fc" not in n}
+    net.eval()
+    ratl = net(x, activation="rational")
+    div = torch.nn.functional.cross_entropy(ratl["logits"], y)
+    fmaps = ratl["fmaps"]
+    bz, nc, h, w = fmaps.shape
+    cams = torch.bmm(net.fc.weight[y].detach().unsqueeze(1), fmaps.reshape(bz, nc, h * w)).reshape(bz, 1, h, w)
+    cams = cams - cams.amin(dim=(2, 3), keepdim=True)
+    cams = cams / cams.amax(dim=(2, 3), keepdim=True)
+    reg = torch.nn.functional.mse_loss(cams, torch.zeros_like(cams))
+    up = torch.nn.functional.interpolate(cams, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    hybrid = up * x + (1.0 - up) * reference.down_up(x, ratio)
+    inner = inner_loss(net(hybrid, activation="relu"), y)
+    grads = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
+    fast = {n: p - inner_lr * g for (n, p), g in zip(theta.items(), grads)}
+    logits = torch.func.functional_call(net, fast, (x2,), {"activation": "relu"}, strict=False)["logits"]
+    outer = torch.nn.functional.cross_entropy(logits, y2) + div_coef * div + reg_coef * reg
+    return dict(zip(phi, torch.autograd.grad(outer, list(phi.values()))))
+
+
+def _meta_step_phi_gradient(net, batch, next_batch, *, meta_gradient="exact", **kwargs):
+    _, phi = split_parameters(net)
+    optimizer = torch.optim.SGD(list(phi.values()), lr=0.0)
+    meta_step(net, batch, next_batch, phi_optimizer=optimizer, max_grad_norm=None, meta_gradient=meta_gradient,
+              **kwargs)
+    return {n: p.grad for n, p in phi.items()}
+
+
+@pytest.mark.parametrize("boosting", [False, True])
+def test_meta_step_gradient_is_the_original(boosting, monkeypatch):
+    """meta_step's phi gradient (kernels, double backward through rational, cam and soft_compress) equals the
+    original's meta-gradient built from plain PyTorch, in phase 0 (CE inner loss) and in a boosting phase (the FOSTER
+    inner loss, old backbone frozen whole); the first-order variant does not."""
+    net = _toy(num_classes=3, width=2, dtype=torch.float64, seed=7, grow_twice=boosting)
+    classes = net.num_classes
+    batch, next_batch = _batches(n=6, size=12, classes=classes, dtype=torch.float64, seed=8)
+    if boosting:
+        weights = torch.linspace(0.5, 1.5, classes, dtype=torch.float64)
+        inner_loss = lambda out, y: foster_loss(out, y, class_weights=weights, T=2.0, lambda_okd=1.0)[0]  # noqa: E731
+    else:
+        inner_loss = lambda out, y: torch.nn.functional.cross_entropy(out["logits"], y)  # noqa: E731
+    kwargs = dict(inner_lr=0.05, div_coef=0.2, reg_coef=0.1, inner_loss=inner_loss)
+    got = _meta_step_phi_gradient(net, batch, next_batch, compress_ratio=4.0, **kwargs)
+    first_order = _meta_step_phi_gradient(net, batch, next_batch, compress_ratio=4.0, meta_gradient="first_order",
+                                          **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(cim_ext.ops, "rational", reference.rational)
+        expected = _original_phi_gradient(net, batch, next_batch, ratio=4.0, **kwargs)
+    assert expected and sorted(got) == sorted(expected)
+    if boosting:
+        assert all(n.startswith("backbones.1.") for n in expected)  # the old backbone's rationals are frozen
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-12, msg=name)
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in sorted(expected)])  # noqa: E731
+    assert not torch.allclose(flat(first_order), flat(expected), rtol=1e-3, atol=0)
 
 
 class _SizedImages:

@@ -16,6 +16,8 @@ ORIGINAL_COMMON = {
     "momentum": 0.9, "batch_size": 256, "meta_batch_size": 16, "cam_batch_size": 16, "num_meta_iters_per_cls": 0.5,
     "workers": 16, "T": 2.0, "compress_ratio": 4.0, "mask_threshold": 0.6, "cam_update_interval": 40,
     "randombbxblur_prob_incre": 0.1, "div_coef": 0.2, "reg_coef": 0.1, "beta2": 0.97, "compression": "cim",
+    # the original's behaviour where this project offers a departure (docs/training.md, Deviations)
+    "meta_gradient": "exact", "class_weight_counts": "nominal", "fc_bias": False, "amp": False,
 }
 ORIGINAL = {
     "imagenet1000": {"memory_size": 20000, "init_cls": 100, "increment": 100, "beta1": 0.97},
@@ -141,3 +143,11 @@ def test_original_configs_keep_sgd():
     for name in ("imagenet1000", "imagenet100", "food101"):
         assert load_config(name).theta_optimizer == "sgd"
     assert load_config("synthetic").theta_optimizer == "adamw"
+
+
+@pytest.mark.parametrize("key, good, bad", [("meta_gradient", "first_order", "second"),
+                                            ("class_weight_counts", "real", "counted")])
+def test_departure_keys_are_checked(key, good, bad):
+    assert getattr(load_config("imagenet100", [f"{key}={good}"]), key) == good
+    with pytest.raises(ConfigError, match=key):
+        load_config("imagenet100", [f"{key}={bad}"])

@@ -1,5 +1,6 @@
 """training.distributed: global-batch sampling, per-sample seeding, and a 2-process gloo run under torchrun that
 equals the 1-process run (and resumes under torchrun)."""
+import datetime
 import json
 import os
 import subprocess
@@ -28,6 +29,9 @@ TINY = [
     # (AdamW, the synthetic default, moves every weight by about lr whatever its gradient's size, so a rounding-level
     # gradient of the other sign moves it the other way: the runs drift apart by lr per step.)
     "theta_optimizer=sgd", "init_theta_lr=1e-4", "incre_theta_lr=1e-4", "init_phi_lr=1e-4", "incre_phi_lr=1e-4",
+    # With bias-free heads this tiny run meets a herding near-tie (two candidates at rounding-level distance), and
+    # one exemplar then differs between 1 and 2 processes; with biased heads no choice is that close.
+    "fc_bias=true",
 ]
 
 
@@ -115,7 +119,7 @@ def _uneven_worker(rank, world, port, x, y, result_dir):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         runtime = ProcessRuntime(device=torch.device("cpu"), rank=rank, world_size=world)
         model = runtime.prepare_model(_tiny_net()).train()
@@ -124,6 +128,7 @@ def _uneven_worker(rank, world, port, x, y, result_dir):
         if rank == 0:
             torch.save({"grads": grads, "var": model[1].running_var}, os.path.join(result_dir, "ddp.pt"))
     finally:
+        dist.barrier()  # a rank tearing gloo down while the other still talks to it can abort (SIGABRT)
         dist.destroy_process_group()
 
 

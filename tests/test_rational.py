@@ -230,12 +230,35 @@ def test_gradcheck_relu_init_with_zero_coefficient():
         torch.testing.assert_close(got, want)
 
 
-def test_double_backward_raises():
-    x = activation((3,), torch.float64, away_from_zero=0.1).requires_grad_()
-    numerator, denominator = coefficients(6, 4, torch.float64, relu=True)
-    (grad,) = torch.autograd.grad(cim_ext.rational(x, numerator, denominator).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad.sum().backward()
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("degrees", [(6, 4), (1, 1), (3, 2), (4, 7)])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 1, 7)])
+def test_gradgradcheck(device, degrees, shape):
+    """Second derivatives in x and both coefficient vectors (the CIM meta-step differentiates the backward)."""
+    x = activation(shape, torch.float64, device, seed=sum(shape), away_from_zero=0.1).requires_grad_()
+    numerator, denominator = (c.requires_grad_() for c in coefficients(*degrees, torch.float64, device, seed=len(shape)))
+    assert torch.autograd.gradgradcheck(cim_ext.rational, (x, numerator, denominator))
+
+
+def test_double_backward_uses_the_first_order_kernel_and_matches_the_reference():
+    """First-order gradients built with create_graph=True still come from the kernel (same values), and a third
+    derivative exists too."""
+    x = activation((4, 6), torch.float64, away_from_zero=0.1).requires_grad_()
+    numerator, denominator = (c.requires_grad_() for c in coefficients(6, 4, torch.float64, relu=True))
+    args = (x, numerator, denominator)
+    graph = torch.autograd.grad(cim_ext.rational(*args).sum(), args, create_graph=True)
+    plain = torch.autograd.grad(cim_ext.rational(*args).sum(), args)
+    for a, b in zip(graph, plain):
+        assert torch.equal(a, b)
+    second = torch.autograd.grad(graph[0].square().sum(), args, create_graph=True)
+    expected = torch.autograd.grad(
+        torch.autograd.grad(reference.rational(*args).sum(), args, create_graph=True)[0].square().sum(), args,
+        create_graph=True)
+    for a, b in zip(second, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    third = torch.autograd.grad(second[0].sum(), x)[0]
+    third_expected = torch.autograd.grad(expected[0].sum(), x)[0]
+    torch.testing.assert_close(third, third_expected, rtol=1e-10, atol=1e-12)
 
 
 # -------------------------------------------------------------------------------------------------------- determinism

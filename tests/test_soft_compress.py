@@ -186,12 +186,28 @@ def test_backward_deterministic(device):
             assert torch.equal(a, b)
 
 
-def test_double_backward_raises():
-    images, cams = inputs((1, 2, 6, 6, 3, 3), torch.float64, requires_grad=True)
-    out = cim_ext.soft_compress(images, cams, 4.0)
-    (grad_cams,) = torch.autograd.grad(out.square().sum(), (cams,), create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(grad_cams.sum(), (cams,))
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize(
+    "shape, ratio",
+    [((1, 1, 1, 1, 1, 1), 4.0), ((2, 2, 5, 7, 3, 4), 4.0), ((1, 2, 11, 6, 11, 6), 9.5), ((1, 1, 12, 10, 1, 1), 100.0),
+     ((1, 1, 8, 9, 4, 3), 1.0)],
+)
+def test_gradgradcheck(device, shape, ratio):
+    """Second derivatives in images and cams (the CIM meta-step differentiates the backward)."""
+    images, cams = inputs(shape, torch.float64, device, seed=sum(shape), requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, c: cim_ext.soft_compress(x, c, ratio), (images, cams))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("ratio", RATIOS + [2.7, 3.0])
+def test_down_up_gather_is_down_up(device, ratio):
+    """The gather that reference.soft_compress uses on CUDA selects the very pixels F.interpolate does (float32 on
+    CPU shares the CUDA kernels' index arithmetic, so the CUDA map is checked on every machine)."""
+    for height, width in [(1, 1), (37, 224), (97, 33), (224, 224), (5, 300), (64, 90)]:
+        x = torch.arange(height * width, dtype=torch.float32).view(1, 1, height, width).to(device)
+        source = torch.from_numpy(reference._down_up_source(height, width, ratio)).to(device)
+        assert torch.equal(x.flatten()[source].view_as(x), reference.down_up(x, ratio)), (height, width)
+        assert torch.equal(reference.down_up_gather(x, ratio), reference.down_up(x, ratio))
 
 
 # ----------------------------------------------------------------------------------------------------------- CUDA

@@ -2,7 +2,7 @@
 
 :func:`meta_step` is one CIM meta-iteration (callable on its own, e.g. for throughput benchmarks):
 
-1. rational-branch forward with theta **detached** -> fmaps, logits; ``div = CE(logits)``;
+1. rational-branch forward (theta and phi) -> fmaps, logits; ``div = CE(logits)``;
 2. ``cams = cim_ext.cam(fmaps, fc.weight.detach(), labels)``; ``reg = MSE(cams, 0)``;
 3. ``hybrid = cim_ext.soft_compress(x, cams, compress_ratio)``;
 4. inner loss of the ReLU branch on hybrid; gradients of theta minus the heads with ``create_graph=True``;
@@ -10,11 +10,13 @@
 5. ``outer = CE(ReLU branch with fast weights on the next batch) + div_coef * div + reg_coef * reg``;
    gradient for phi only, grad-norm clip, one optimiser step of phi.
 
-Deviation from the original (documented in docs/training.md): the original also lets theta's inner gradient flow
-through the rational branch and the CAM (a second-order path through the CAM ops). The cim_ext ops have first-order
-backward only, so the rational branch sees theta detached; phi still gets its gradient through
-cam -> soft_compress -> inner step -> fast weights -> outer loss, plus the direct div/reg terms. BatchNorm runs in
-eval mode during the meta-step (as in the original), so running statistics are not touched.
+As in the original, theta enters the inner loss along two paths: the ReLU branch on the hybrid batch, and the
+hybrid batch itself (rational fmaps -> CAM -> soft compression). The inner gradient along the second path depends on
+phi, so phi's exact gradient differentiates it once more: double backward through ``rational``, ``cam`` and
+``soft_compress`` (their backward ops carry their own autograd, see :mod:`cim_ext._registrations`).
+``meta_gradient="first_order"`` detaches theta in the rational branch instead (cheaper, not the original's
+gradient: docs/training.md gives its cost and saving). BatchNorm runs in eval mode during the meta-step (as in the
+original), so running statistics are not touched.
 
 Boxes (:func:`compute_boxes`) come from ``cim_ext.cam_to_boxes`` on CAM-transformed images (whole image resized,
 no crop), at each image's original size, with a fixed threshold or ``"otsu"``.
@@ -36,6 +38,7 @@ from .models import functional_forward, split_parameters
 
 __all__ = [
     "HEAD_PREFIXES",
+    "META_GRADIENTS",
     "BoxTable",
     "ImageBoxDataset",
     "CamDataset",
@@ -50,6 +53,9 @@ __all__ = [
     "clip_scale",
     "box_iou",
 ]
+
+#: How phi's gradient is taken: the original's exact second-order gradient, or theta detached in the rational branch.
+META_GRADIENTS = ("exact", "first_order")
 
 #: Parameter-name prefixes of the classifier heads, excluded from the inner (fast-weight) step.
 HEAD_PREFIXES = ("fc.", "fe_fc.", "old_fc.")
@@ -93,12 +99,15 @@ def meta_objective(
     fast_names: Union[list[str], None] = None,
     classifier: str = "fc",
     autocast=None,
+    meta_gradient: str = "exact",
 ) -> tuple[torch.Tensor, dict]:
     """The CIM outer objective as a differentiable function of phi (steps 1-5 of the module docstring).
 
     Returns (outer loss, dict of detached parts: inner, outer_ce, div, reg). Runs the model in eval mode (restored
     afterwards). See :func:`meta_step` for the arguments.
     """
+    if meta_gradient not in META_GRADIENTS:
+        raise ValueError(f"meta_gradient: expected one of {META_GRADIENTS}, got {meta_gradient!r}")
     images, labels = batch
     next_images, next_labels = next_batch
     inner_loss = inner_loss or (lambda out, y: F.cross_entropy(upcast(out["logits"]), y))
@@ -109,10 +118,13 @@ def meta_objective(
     was_training = model.training
     model.eval()
     try:
-        # 1. rational branch, theta detached (the compiled ops have first-order backward only).
-        detached = {name: (p if name in phi else p.detach()) for name, p in params.items()}
+        # 1. rational branch; "first_order" cuts theta's second path through it.
+        if meta_gradient == "first_order":
+            rational_params = {name: (p if name in phi else p.detach()) for name, p in params.items()}
+        else:
+            rational_params = params
         with autocast():
-            rational_out = functional_forward(model, detached, images, "rational")
+            rational_out = functional_forward(model, rational_params, images, "rational")
         div = F.cross_entropy(upcast(rational_out["logits"]), labels)
         # 2. CAM of the labelled class, min-max normalised by the op.
         weight = params[f"{classifier}.weight"].detach()
@@ -157,6 +169,7 @@ def meta_step(
     fast_names: Union[list[str], None] = None,
     classifier: str = "fc",
     autocast=None,
+    meta_gradient: str = "exact",
 ) -> dict:
     """One CIM meta-iteration; updates the rational coefficients (phi) only. Returns detached loss tensors.
 
@@ -174,10 +187,13 @@ def meta_step(
         fast_names: parameters of the inner step; default :func:`inner_parameter_names`.
         classifier: name of the head whose weight gives the CAM.
         autocast: a context manager factory for the forward passes (e.g. ``runtime.autocast``); None: none.
+        meta_gradient: ``"exact"`` (the original's gradient) or ``"first_order"`` (theta detached in the rational
+            branch; see the module docstring).
     """
     outer, parts = meta_objective(model, batch, next_batch, inner_lr=inner_lr, compress_ratio=compress_ratio,
                                   div_coef=div_coef, reg_coef=reg_coef, inner_loss=inner_loss,
-                                  fast_names=fast_names, classifier=classifier, autocast=autocast)
+                                  fast_names=fast_names, classifier=classifier, autocast=autocast,
+                                  meta_gradient=meta_gradient)
     phi_list = [p for group in phi_optimizer.param_groups for p in group["params"]]
     phi_grads = torch.autograd.grad(outer, phi_list, allow_unused=True)
     phi_optimizer.zero_grad(set_to_none=True)

@@ -67,6 +67,7 @@ class Config:
     fixed_memory: bool = False
     # model
     backbone: Literal["resnet18", "resnet32", "resnet20", "resnet14", "resnet8"] = "resnet18"
+    fc_bias: bool = False  # the original's heads (SimpleLinear) have no bias
     # optimisation (theta: SGD or AdamW + cosine; phi: Adam + cosine)
     theta_optimizer: Literal["sgd", "adamw"] = "sgd"
     init_epochs: int = 200
@@ -84,6 +85,7 @@ class Config:
     # FOSTER
     beta1: float = 0.97
     beta2: float = 0.97
+    class_weight_counts: Literal["nominal", "real"] = "nominal"  # old classes at the per-class budget (original) or real exemplar counts
     lambda_okd: float = 1.0
     T: float = 2.0
     is_teacher_wa: bool = False
@@ -102,11 +104,12 @@ class Config:
     randombbxblur_prob_incre: float = 0.1
     div_coef: float = 0.2
     reg_coef: float = 0.1
+    meta_gradient: Literal["exact", "first_order"] = "exact"  # first_order: theta detached in the rational branch
     # run
     seed: int = 1993
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: int = 4
-    amp: bool = True  # bf16 autocast; only on CUDA
+    amp: bool = False  # bf16 autocast (CUDA only); the original runs fp32
     channels_last: bool = True  # only on CUDA
     deterministic: bool = False
     checkpoint_every: int = 10  # epochs between checkpoints inside a phase (0: only after each phase)

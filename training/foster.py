@@ -5,8 +5,9 @@
 
 ``boost``   phase 0: plain CE; later: a new backbone beside the frozen old one(s), loss
             ``CE(logits / w) + CE(fe_logits) + lambda_okd * KD(logits[:, :known], old_logits, T)`` with per-class
-            weights ``w`` from the effective-number rule (beta1) over the REAL class counts (training images of the
-            new classes, stored exemplars of the old ones). With ``compression="cim"`` every epoch ends with
+            weights ``w`` from the effective-number rule (beta1) over the class counts (training images of the
+            new classes; old classes at the nominal per-class budget as in the original, or at their real exemplar
+            counts with ``class_weight_counts="real"``). With ``compression="cim"`` every epoch ends with
             ``int(num_meta_iters_per_cls * new_classes)`` CIM meta-steps (:func:`training.cim.meta_step`), and the
             boxes of the new-class images are refreshed every ``cam_update_interval`` epochs to drive the
             boxed-compression augmentation.
@@ -292,7 +293,7 @@ class Foster:
         self.phase_index = phase.index
         self.total = phase.total
         if self.network is None:
-            self.network = FosterNet(backbone=self.cfg.backbone)
+            self.network = FosterNet(backbone=self.cfg.backbone, fc_bias=self.cfg.fc_bias)
         self.network.grow(phase.total)
         self.runtime.prepare_model(self.network)
         self.class_weights = self._class_weights(phase, self.cfg.beta1) if phase.index > 0 else None
@@ -303,9 +304,14 @@ class Foster:
         self._make_boost_optimizers(phase)
 
     def _class_counts(self, phase: Phase) -> list:
-        """Real counts: stored exemplars of each old class, training images of each new class (model label order)."""
-        stored = self.memory.counts()
-        counts = [stored.get(cls, 0) for cls in self.stream.order[: phase.known]]
+        """Per-class counts for the class-balance weights, in model label order: each old class at the nominal
+        per-class budget (``class_weight_counts="nominal"``, the original's rule) or at its real number of stored
+        exemplars (``"real"``), then the training images of each new class."""
+        if self.cfg.class_weight_counts == "nominal":
+            counts = [class_budget(self.cfg, total_classes=phase.known)] * phase.known
+        else:
+            stored = self.memory.counts()
+            counts = [stored.get(cls, 0) for cls in self.stream.order[: phase.known]]
         targets = np.asarray(self.stream.source.train.targets)
         counts += [int((targets == cls).sum()) for cls in phase.classes]
         return counts
@@ -394,9 +400,12 @@ class Foster:
                         total=epochs, desc=f"phase {phase.index} {'train' if phase.index == 0 else 'boost'}")
         for epoch in bar:
             start = time.perf_counter()
+            refreshed = {}
             if cim_on and cim_lib.refresh_due(epoch, epochs, cfg.cam_update_interval):
                 self.boxes = self._compute_boxes(phase, "rational")
                 self.aug_prob = min(1.0, (epoch // cfg.cam_update_interval) * cfg.randombbxblur_prob_incre)
+                refreshed = self._box_quality(self.boxes)
+                self.phase_log.setdefault("box_refreshes", []).append({"epoch": epoch, **refreshed})
             loader = self._loader(self._train_dataset(phase, with_augmentation=cim_on), cfg.batch_size, shuffle=True)
             stats = self._train_epoch(loader)
             if meta_iters:
@@ -409,7 +418,7 @@ class Foster:
             if self.epoch == epochs:
                 self._end_boost(phase)
             info = {"phase": phase.index, "stage": "boost", "epoch": epoch, "epochs": epochs,
-                    "aug_prob": self.aug_prob, "seconds": time.perf_counter() - start, **stats}
+                    "aug_prob": self.aug_prob, "seconds": time.perf_counter() - start, **refreshed, **stats}
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 info["test_top1"] = self._quick_accuracy(self.network, phase)
             _set_postfix(bar, info)
@@ -464,7 +473,7 @@ class Foster:
             out = cim_lib.meta_step(self.network, to(first), to(second), phi_optimizer=self.optimizers["phi"],
                                     inner_lr=lr_now * cfg.lr_ratio, compress_ratio=cfg.compress_ratio,
                                     div_coef=cfg.div_coef, reg_coef=cfg.reg_coef, max_grad_norm=clip,
-                                    inner_loss=inner_loss, autocast=rt.autocast)
+                                    inner_loss=inner_loss, autocast=rt.autocast, meta_gradient=cfg.meta_gradient)
             _accumulate(totals, out, 1)
         rt.broadcast_tensors(split_parameters(self.network)[1].values())
         return _means(totals, iters, prefix="meta_")
@@ -537,6 +546,14 @@ class Foster:
             return torch.zeros(0, self.network.feature_dim), [], torch.zeros(0, 2, dtype=torch.int64)
         return torch.cat(feats), kept, torch.cat(sizes)
 
+    def _box_quality(self, table) -> dict:
+        """Mean box area fraction of a box table and, where the source has true object boxes, the mean IoU."""
+        quality = {"box_area": table.area_fraction()}
+        truth = getattr(self.stream.source.train, "object_boxes", None)  # synthetic: true object boxes
+        if truth is not None and len(table):
+            quality["box_iou"] = float(cim_lib.box_iou(table.boxes, truth[table.indices]).mean())
+        return quality
+
     def _update_memory(self, phase: Phase) -> None:
         cfg = self.cfg
         budget = class_budget(cfg, total_classes=phase.total)
@@ -545,10 +562,10 @@ class Foster:
                 self.memory.trim(label, budget)
         table = self._final_boxes(phase)
         if table is not None and cfg.compression in ("cam", "cim"):
-            self.phase_log["boxes_area"] = table.area_fraction()
-            truth = getattr(self.stream.source.train, "object_boxes", None)  # synthetic: true object boxes
-            if truth is not None and len(table):
-                self.phase_log["box_iou"] = float(cim_lib.box_iou(table.boxes, truth[table.indices]).mean())
+            quality = self._box_quality(table)
+            self.phase_log["boxes_area"] = quality["box_area"]
+            if "box_iou" in quality:
+                self.phase_log["box_iou"] = quality["box_iou"]
         mode = self.memory.mode
         train = self.stream.source.train
         for cls in phase.classes:

@@ -176,10 +176,11 @@ def build_backbone(name: Union[str, Callable[[], nn.Module]], **kwargs) -> _Back
     return _BACKBONES[name](**kwargs)
 
 
-def _linear(in_dim: int, out_dim: int) -> nn.Linear:
-    fc = nn.Linear(in_dim, out_dim)
+def _linear(in_dim: int, out_dim: int, bias: bool) -> nn.Linear:
+    fc = nn.Linear(in_dim, out_dim, bias=bias)
     nn.init.kaiming_uniform_(fc.weight, nonlinearity="linear")
-    nn.init.zeros_(fc.bias)
+    if bias:
+        nn.init.zeros_(fc.bias)
     return fc
 
 
@@ -194,12 +195,15 @@ class FosterNet(nn.Module):
     Args:
         backbone: name for :func:`build_backbone` or a zero-argument factory.
         backbone_kwargs: keyword arguments of the backbone constructor.
+        fc_bias: whether the heads have a bias; the original's heads (SimpleLinear) have none.
     """
 
-    def __init__(self, *, backbone: Union[str, Callable[[], nn.Module]] = "resnet18", backbone_kwargs: Union[dict, None] = None):
+    def __init__(self, *, backbone: Union[str, Callable[[], nn.Module]] = "resnet18",
+                 backbone_kwargs: Union[dict, None] = None, fc_bias: bool = False):
         super().__init__()
         self.backbone_name = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.fc_bias = bool(fc_bias)
         self.backbones = nn.ModuleList()
         # Registered (empty) up front so that the parameter order never depends on the growth history: optimiser
         # states are restored by position.
@@ -223,7 +227,8 @@ class FosterNet(nn.Module):
     def grow(self, num_classes: int) -> "FosterNet":
         """Start a phase with ``num_classes`` seen classes: add a backbone (a copy of the last one, if any), a new
         ``fc`` keeping the old class weights, ``old_fc`` = the previous ``fc`` (frozen), and a fresh ``fe_fc``.
-        Old backbones are frozen except their rational coefficients (as in the original)."""
+        Old backbones are frozen whole, rational coefficients included (as in the original, whose freezing loop
+        skips Rational modules but reaches their coefficients through the backbone's recursive ``parameters()``)."""
         if num_classes <= self.num_classes:
             raise ValueError(f"num_classes: expected more than the {self.num_classes} already known, got {num_classes}")
         reference = next(self.parameters(), None)
@@ -233,14 +238,15 @@ class FosterNet(nn.Module):
         else:
             self.out_dim = backbone.out_dim
         self.backbones.append(backbone)
-        fc = _linear(self.feature_dim, num_classes)
+        fc = _linear(self.feature_dim, num_classes, self.fc_bias)
         if self.fc is not None:
             with torch.no_grad():
                 fc.weight[: self.fc.out_features, : self.fc.in_features] = self.fc.weight
-                fc.bias[: self.fc.out_features] = self.fc.bias
+                if self.fc_bias:
+                    fc.bias[: self.fc.out_features] = self.fc.bias
             self.old_fc = self.fc
         self.fc = fc
-        self.fe_fc = _linear(self.out_dim, num_classes) if len(self.backbones) > 1 else None
+        self.fe_fc = _linear(self.out_dim, num_classes, self.fc_bias) if len(self.backbones) > 1 else None
         self.task_sizes.append(num_classes - sum(self.task_sizes))
         self._freeze_old()
         if reference is not None:
@@ -249,10 +255,7 @@ class FosterNet(nn.Module):
 
     def _freeze_old(self) -> None:
         for old in self.backbones[:-1]:
-            for module in old.modules():
-                if not isinstance(module, Rational):
-                    for p in module.parameters(recurse=False):
-                        p.requires_grad_(False)
+            old.requires_grad_(False)
         if self.old_fc is not None:
             self.old_fc.requires_grad_(False)
 
@@ -267,7 +270,7 @@ class FosterNet(nn.Module):
     def student(self) -> "FosterNet":
         """A one-backbone student for FOSTER's compression stage: backbone initialised from the first (old)
         backbone, ``fc`` over its features with the old classifier weights copied in (as in the original)."""
-        student = FosterNet(backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs)
+        student = FosterNet(backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs, fc_bias=self.fc_bias)
         student.grow(self.num_classes)
         student.backbones[0].load_state_dict(self.backbones[0].state_dict())
         student.task_sizes = list(self.task_sizes)
@@ -295,6 +298,7 @@ class FosterNet(nn.Module):
         return {
             "backbone": self.backbone_name,
             "backbone_kwargs": dict(self.backbone_kwargs),
+            "fc_bias": self.fc_bias,
             "num_backbones": len(self.backbones),
             "fc": shape(self.fc),
             "fe_fc": shape(self.fe_fc),
@@ -305,11 +309,11 @@ class FosterNet(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict) -> "FosterNet":
         """An untrained network of the architecture ``spec`` describes (load a state_dict into it)."""
-        net = cls(backbone=spec["backbone"], backbone_kwargs=spec["backbone_kwargs"])
+        net = cls(backbone=spec["backbone"], backbone_kwargs=spec["backbone_kwargs"], fc_bias=spec.get("fc_bias", True))
         for _ in range(spec["num_backbones"]):
             net.backbones.append(net._new_backbone())
         net.out_dim = net.backbones[0].out_dim if len(net.backbones) else 0
-        make = lambda shape: None if shape is None else _linear(shape[1], shape[0])  # noqa: E731
+        make = lambda shape: None if shape is None else _linear(shape[1], shape[0], net.fc_bias)  # noqa: E731
         net.fc, net.fe_fc, net.old_fc = make(spec["fc"]), make(spec["fe_fc"]), make(spec["old_fc"])
         net.task_sizes = list(spec["task_sizes"])
         net._freeze_old()

@@ -253,6 +253,7 @@ def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
         "memory_bytes": memory.bytes_held(),
         "box_area_fraction": learner.phase_log.get("boxes_area"),
         "box_iou": learner.phase_log.get("box_iou"),
+        "box_refreshes": learner.phase_log.get("box_refreshes"),  # cim: box area / IoU at each in-phase refresh
         "phase_seconds": seconds,
     }
     student = result.get("student_predictions")
