@@ -168,3 +168,21 @@ def test_empty_box_warning():
     lines = ab._empty_box_warnings(by_setting)
     assert len(lines) == 1
     assert ab.SETTINGS["cim"].label in lines[0] and "empty boxes" in lines[0]
+
+
+def test_box_diagnostics_branches(tmp_path):
+    """A cam run never trains phi: its rational branch equals the rational branch reset to the ReLU fit."""
+    from training.experiments.box_diagnostics import BRANCHES, branch_boxes
+    from training.run import run
+    from training.config import load_config
+
+    cfg = load_config("synthetic", [
+        "data_options.num_classes=4", "data_options.train_per_class=6", "data_options.test_per_class=2",
+        "image_size=16", "backbone=resnet8", "init_cls=2", "increment=2", "memory_size=8", "init_epochs=1",
+        "incre_epochs=1", "compression_epochs=0", "batch_size=8", "cam_batch_size=8", "workers=0",
+        "progress=false", "tensorboard=false", "device=cpu", "compression=cam"])
+    run(cfg, out_dir=str(tmp_path / "run"))
+    results = branch_boxes(str(tmp_path / "run"))
+    assert set(results) == set(BRANCHES)
+    assert all(r["images"] == 24 and 0 <= r["box_iou"] <= 1 for r in results.values())
+    assert results["rational"] == results["rational_init"]

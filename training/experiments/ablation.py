@@ -432,12 +432,39 @@ def collect(jobs: Sequence[Job]) -> tuple[list[dict], list[str]]:
             "box_area_per_phase": [e.get("box_area_fraction") for e in extras] if boxes else None,
             "box_iou_per_phase": [e.get("box_iou") for e in extras] if boxes else None,
             "box_iou": _mean_or_none([e.get("box_iou") for e in extras]) if boxes else None,
+            "box_iou_over_training": _iou_over_training(summary, extras) if boxes else None,
             "image_size": run.get("image_size"),
             "num_phases": run.get("num_phases", len(phases)),
             "wall_seconds": summary.get("wall_seconds"),
             "cpu_seconds": timing.get("cpu_seconds"),
         })
     return records, missing
+
+
+def _iou_over_training(summary: dict, extras: Sequence[dict]) -> Union[dict, None]:
+    """{x: box IoU} over a run's training, x = phase + epoch / epochs: the in-phase box refreshes (``cim``) at their
+    epoch, and the boxes the memory is built from at the end of each phase (x = phase + 1)."""
+    config = summary.get("config") or {}
+    points = {}
+    for phase, extra in enumerate(extras):
+        epochs = config.get("init_epochs" if phase == 0 else "incre_epochs") or 1
+        for refresh in extra.get("box_refreshes") or []:
+            if refresh.get("box_iou") is not None:
+                points[round(phase + refresh["epoch"] / epochs, 4)] = refresh["box_iou"]
+        if extra.get("box_iou") is not None:
+            points[float(phase + 1)] = extra["box_iou"]
+    return points or None
+
+
+def _over_training_stats(curves) -> Union[dict, None]:
+    """Mean / std over seeds of {x: value} curves, at the x of every curve."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    xs = sorted({float(x) for c in curves for x in c})
+    columns = [_stats([c[x] for c in curves if x in c] + [c[str(x)] for c in curves if str(x) in c]) for x in xs]
+    return {"x": xs, "mean": [c["mean"] for c in columns], "std": [c["std"] for c in columns],
+            "n": [c["n"] for c in columns]}
 
 
 def _stats(values) -> Union[dict, None]:
@@ -477,6 +504,7 @@ def aggregate(records: Sequence[dict], *, settings: Sequence[str] = tuple(SETTIN
                 entry[key] = _stats([r[key] for r in group])
             for key in PER_PHASE:
                 entry[key] = _per_phase_stats([r[key] for r in group])
+            entry["box_iou_over_training"] = _over_training_stats([r.get("box_iou_over_training") for r in group])
             results[budget][name] = entry
         gaps[budget] = {}
         for a, b in GAPS:
@@ -722,7 +750,17 @@ def plot_results(report: dict, path: str) -> str:
                          linestyle=styles[budget], marker="o", color=_COLOURS.get(name),
                          label=f"{SETTINGS[name].label}, {budget}")
             plotted = True
-    iou.set_title("CAM box IoU with the true object box")
+    for budget in budgets:
+        entry = results[budget].get("cim") or {}
+        over = entry.get("box_iou_over_training")
+        if over and len(over["x"]) > len((entry.get("box_iou_per_phase") or {}).get("mean") or []):
+            # the rational branch's boxes at every refresh inside a phase; the phase-end boxes sit at x = phase + 1
+            iou.plot([x - 1 for x in over["x"]], over["mean"], linestyle=styles[budget], linewidth=0.8,
+                     marker=".", color=_COLOURS.get("cim"), alpha=0.6,
+                     label=f"{SETTINGS['cim'].label}, {budget}: at each box refresh")
+            plotted = True
+    iou.set_title("CAM box IoU with the true object box (refresh at epoch e of phase p: x = p - 1 + e / epochs)",
+                  fontsize=9)
     iou.set_xlabel("phase")
     iou.xaxis.set_major_locator(MaxNLocator(integer=True))
     iou.set_ylabel("IoU")
