@@ -3,8 +3,9 @@
 Backward ops are private operators with their own CPU and CUDA kernels; they only compute what
 ``ctx.needs_input_grad`` asks for (the other output is an empty tensor). First-order gradients always run those
 kernels. The backward ops carry their own autograd, so gradients of any order exist: when a graph is built through a
-backward op (``create_graph=True``, as in the CIM meta-step), its derivative is the vector-Jacobian product of the
-plain-PyTorch twin in :mod:`cim_ext.reference`, recomputed with autograd (exact, at reference speed).
+backward op (``create_graph=True``, as in the CIM meta-step), its derivative is, for ``rational``, an analytic formula
+in plain torch ops (:func:`_rational_backward_backward`) and, for ``cam`` and ``soft_compress``, the vector-Jacobian
+product of their plain-PyTorch twins in :mod:`cim_ext.reference` taken with ``torch.func.vjp``.
 """
 import torch
 
@@ -193,18 +194,81 @@ def _soft_compress_reference(values):
     return reference.soft_compress(*values[1:4])
 
 
-def _rational_reference(values):
-    return reference.rational(*values[1:4])
+def _polynomial(coefficients, powers, order=0):
+    """``sum_j c_j d^order/dx^order x^j`` from ``powers[k] = x^k`` (coefficients c_0..c_m)."""
+    total = torch.zeros_like(powers[0])
+    for j in range(order, coefficients.numel()):
+        factor = 1
+        for step in range(order):
+            factor *= j - step
+        total = total + (coefficients[j] * factor) * powers[j - order]
+    return total
+
+
+def _rational_backward_backward(ctx, bar_x, bar_numerator, bar_denominator):
+    """Analytic derivative of ``_rational_backward``: with R = P / Q, Q = 1 + sum_k |b_k x^k| and the cotangents
+    u (of grad_x), alpha (of grad_numerator) and beta (of grad_denominator), the backward's outputs contract to
+    ``sum g * (u R' + A / Q - P B / Q^2)``, A = sum_j alpha_j x^j, B = sum_k beta_k s_k x^k, s_k = sign(b_k x^k);
+    this differentiates that expression in g, x, a and b. Plain torch ops, so higher orders follow by autograd.
+    Half inputs are evaluated in float32 like the kernels."""
+    grad, x, numerator, denominator, need_x, need_coefficients = _saved_inputs(ctx)
+    g, x = _promoted(grad), _promoted(x)
+    u = bar_x if need_x and bar_x is not None else None
+    alpha = bar_numerator if need_coefficients and bar_numerator is not None else None
+    beta = bar_denominator if need_coefficients and bar_denominator is not None else None
+    degree = max(numerator.numel(), denominator.numel() + 1)
+    powers = [torch.ones_like(x)]
+    for _ in range(degree):
+        powers.append(powers[-1] * x)
+    signed = torch.cat([denominator.new_zeros(1), denominator])  # b_0 = 0: Q - 1 as a polynomial in |.|
+    signs = [torch.sign(signed[k] * powers[k]) for k in range(signed.numel())]
+    sb = [signs[k] * signed[k] for k in range(signed.numel())]  # s_k b_k, per element
+    P, P1, P2 = (_polynomial(numerator, powers, order) for order in range(3))
+    Q = 1 + sum(sb[k] * powers[k] for k in range(1, signed.numel()))
+    Q1 = sum(sb[k] * k * powers[k - 1] for k in range(1, signed.numel()))
+    Q2 = sum(sb[k] * (k * (k - 1)) * powers[k - 2] for k in range(2, signed.numel())) if signed.numel() > 2 else 0
+    zero = torch.zeros_like(x)
+    u = zero if u is None else _promoted(u).to(x.dtype)
+    A = zero if alpha is None else _polynomial(alpha.to(x.dtype), powers)
+    A1 = zero if alpha is None else _polynomial(alpha.to(x.dtype), powers, 1)
+    if beta is None:
+        B = B1 = zero
+    else:
+        beta = torch.cat([beta.new_zeros(1), beta.to(x.dtype)])
+        B = sum(signs[k] * beta[k] * powers[k] for k in range(1, beta.numel()))
+        B1 = sum(signs[k] * beta[k] * k * powers[k - 1] for k in range(1, beta.numel()))
+    inv = 1 / Q
+    inv2 = inv * inv
+    R1 = P1 * inv - P * Q1 * inv2
+    R2 = P2 * inv - (2 * P1 * Q1 + P * Q2) * inv2 + 2 * P * Q1 * Q1 * inv2 * inv
+    results = [None] * 6
+    needs = ctx.needs_input_grad
+    if needs[0]:
+        results[0] = (u * R1 + A * inv - P * B * inv2).to(grad.dtype)
+    if needs[1]:
+        dx = u * R2 + A1 * inv - A * Q1 * inv2 - (P1 * B + P * B1) * inv2 + 2 * P * B * Q1 * inv2 * inv
+        results[1] = (g * dx).to(ctx.saved_tensors[1].dtype)
+    if needs[2]:
+        c1, c2 = g * u * inv, -g * (u * Q1 + B) * inv2
+        results[2] = torch.stack([
+            (c2 * powers[j]).sum() + ((c1 * (j * powers[j - 1])).sum() if j else 0)
+            for j in range(numerator.numel())
+        ]).to(numerator.dtype)
+    if needs[3]:
+        d1 = -g * (u * P1 + A) * inv2 + 2 * g * P * (u * Q1 + B) * inv2 * inv
+        d2 = -g * u * P * inv2
+        results[3] = torch.stack([
+            (signs[k] * (powers[k] * d1 + k * powers[k - 1] * d2)).sum() for k in range(1, signed.numel())
+        ]).to(denominator.dtype)
+    return tuple(results)
 
 
 _BACKWARD_AUTOGRAD = {
-    "cam": (_cam_reference, lambda inputs: (inputs[5], inputs[6])),
-    "soft_compress": (_soft_compress_reference, lambda inputs: (inputs[4], inputs[5])),
-    "rational": (_rational_reference, lambda inputs: (inputs[4], inputs[5], inputs[5])),
+    "cam": _backward_of_backward(_cam_reference, lambda inputs: (inputs[5], inputs[6])),
+    "soft_compress": _backward_of_backward(_soft_compress_reference, lambda inputs: (inputs[4], inputs[5])),
+    "rational": _rational_backward_backward,
 }
 
 for _name, _backward in (("cam", _cam_backward), ("soft_compress", _soft_compress_backward), ("rational", _rational_backward)):
     torch.library.register_autograd(_lib + _name, _backward, setup_context=_save_inputs)
-    torch.library.register_autograd(
-        _lib + "_" + _name + "_backward", _backward_of_backward(*_BACKWARD_AUTOGRAD[_name]), setup_context=_save_inputs
-    )
+    torch.library.register_autograd(_lib + "_" + _name + "_backward", _BACKWARD_AUTOGRAD[_name], setup_context=_save_inputs)
