@@ -11,7 +11,8 @@ def _fake_summary(job, acc, *, phases=3, boxes=True, config=None):
     per_phase = []
     for p in range(phases):
         extra = {"exemplars": 10 + p, "exemplars_per_class": 5.0 - p, "memory_cost": 12.0, "memory_bytes": 30000 + p,
-                 "box_area_fraction": 0.3 if boxes else None, "box_iou": (0.2 + 0.1 * p) if boxes else None}
+                 "box_area_fraction": 0.3 if boxes else None, "box_iou": (0.2 + 0.1 * p) if boxes else None,
+                 "box_refreshes": [{"epoch": 1, "box_area": 0.5, "box_iou": 0.1 * p}] if boxes else None}
         per_phase.append({"phase": p, "num_classes": 2 * (p + 1), "top1": acc + 10 - 5 * p, "extra": extra})
     return {
         "finished": True,
@@ -103,6 +104,10 @@ def test_aggregation_on_fake_summaries(tmp_path):
     assert small["cam"]["box_iou_per_phase"]["mean"] == pytest.approx([0.2, 0.3, 0.4])
     assert small["cam"]["box_iou"]["mean"] == pytest.approx(0.3)
     assert small["cam"]["top1_per_phase"]["mean"] == pytest.approx([54.0, 49.0, 44.0])
+    # refreshes at epoch 1 of 1 (quick preset: one epoch a stage) sit at x = phase + 1, where the phase-end boxes
+    # are too: the phase-end value wins; a refresh at epoch 1 of 2 would sit at x = phase + 0.5
+    over = small["cam"]["box_iou_over_training"]
+    assert over["x"] == [1.0, 2.0, 3.0] and over["mean"] == pytest.approx([0.2, 0.3, 0.4])
     assert small["cim"]["exemplars_per_class"]["mean"] == pytest.approx(3.0)
     assert small["cim"]["bytes_held"]["mean"] == pytest.approx(30002)
     gap = report["gaps"]["small"]["cim-none"]
@@ -186,3 +191,13 @@ def test_box_diagnostics_branches(tmp_path):
     assert set(results) == set(BRANCHES)
     assert all(r["images"] == 24 and 0 <= r["box_iou"] <= 1 for r in results.values())
     assert results["rational"] == results["rational_init"]
+
+
+def test_iou_over_training_positions():
+    summary = {"config": {"init_epochs": 4, "incre_epochs": 2}}
+    extras = [{"box_iou": 0.5, "box_refreshes": [{"epoch": 2, "box_iou": 0.3}, {"epoch": 3, "box_iou": None}]},
+              {"box_iou": 0.6, "box_refreshes": [{"epoch": 1, "box_iou": 0.4}]}]
+    assert ab._iou_over_training(summary, extras) == {0.5: 0.3, 1.0: 0.5, 1.5: 0.4, 2.0: 0.6}
+    curves = [{0.5: 0.2, 1.0: 0.4}, {0.5: 0.4}]
+    stats = ab._over_training_stats(curves)
+    assert stats["x"] == [0.5, 1.0] and stats["mean"] == pytest.approx([0.3, 0.4]) and stats["n"] == [2, 1]
