@@ -759,9 +759,8 @@ def plot_results(report: dict, path: str) -> str:
                      marker=".", color=_COLOURS.get("cim"), alpha=0.6,
                      label=f"{SETTINGS['cim'].label}, {budget}: at each box refresh")
             plotted = True
-    iou.set_title("CAM box IoU with the true object box (refresh at epoch e of phase p: x = p - 1 + e / epochs)",
-                  fontsize=9)
-    iou.set_xlabel("phase")
+    iou.set_title("CAM box IoU with the true object box")
+    iou.set_xlabel("phase (a box refresh at epoch e of phase p: p - 1 + e / epochs)")
     iou.xaxis.set_major_locator(MaxNLocator(integer=True))
     iou.set_ylabel("IoU")
     iou.set_ylim(0, 1)
