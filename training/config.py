@@ -39,7 +39,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 COMPRESSION_MODES = ("none", "downsample", "cam", "cim")
 BACKBONES = ("resnet18", "resnet32", "resnet20", "resnet14", "resnet8")
-DATASETS = ("synthetic", "imagefolder", "imagenet1000", "imagenet100", "food101")
+DATASETS = ("synthetic", "imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101")
 
 
 class ConfigError(ValueError):
@@ -52,7 +52,7 @@ class Config:
     docs/training.md has the table of keys and meanings."""
 
     # data and protocol
-    dataset: Literal["synthetic", "imagefolder", "imagenet1000", "imagenet100", "food101"] = "synthetic"
+    dataset: Literal["synthetic", "imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101"] = "synthetic"
     data_root: Union[str, None] = None
     data_options: dict = field(default_factory=dict)  # extra keyword options for training.data.load_source
     on_bad_image: Literal["skip", "error"] = "skip"
