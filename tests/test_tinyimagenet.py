@@ -59,8 +59,8 @@ def test_source_reads_the_official_layout(tmp_path):
     image = source.train.load(0)  # grayscale JPEG
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
     # inclusive x0 y0 x1 y1 -> half-open (y0, y1, x0, x1)
-    assert source.train.object_boxes[1].tolist() == [2, 15, 1, 16]
-    assert source.test.object_boxes[1].tolist() == [0, 2, 0, 16]
+    assert source.train.object_boxes.of(1).tolist() == [[2, 15, 1, 16]]
+    assert source.test.object_boxes.of(1).tolist() == [[0, 2, 0, 16]]
     assert source.train.targets.tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
@@ -93,7 +93,7 @@ def test_run_reports_box_iou_against_the_whole_image(tmp_path):
     out = tmp_path / "run"
     summary = main(["--dataset", "tinyimagenet", "--data-root", str(root), "--out", str(out), "--set", *TINY_RUN])
     assert summary["finished"] and summary["phases_done"] == 2
-    truth = load_source("tinyimagenet", root).train.object_boxes
+    truth = load_source("tinyimagenet", root).train.object_boxes.boxes
     whole = torch.tensor([[0, 16, 0, 16]] * 4)
     for phase, classes in zip(summary["per_phase"], ([0, 1], [2])):
         extra = phase["extra"]
@@ -121,7 +121,8 @@ def test_imagefolder_as_documented(tmp_path):
 def test_shared_subset_loads():
     source = load_source("tinyimagenet", SHARED)
     assert source.num_classes == 50 and len(source.train) == 25000 and len(source.test) == 2500
-    boxes = source.train.object_boxes
+    boxes = source.train.object_boxes.boxes
+    assert source.train.object_boxes.annotated() == 25000
     assert int(boxes[:, [1, 3]].max()) == 64 and int(boxes[:, [0, 2]].min()) == 0
     area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double() / 64 ** 2
     assert 0.4 < float(area.mean()) < 0.6  # "mean box area is about half the image" (shared/data/README.md)

@@ -552,11 +552,12 @@ class Foster:
         quality = {"box_area": table.area_fraction()}
         truth = getattr(self.stream.source.train, "object_boxes", None)
         if truth is not None and len(table):
-            truth = truth[table.indices]
             whole = torch.zeros_like(table.boxes)
             whole[:, 1], whole[:, 3] = table.sizes[:, 0], table.sizes[:, 1]
-            quality["box_iou"] = float(cim_lib.box_iou(table.boxes, truth).mean())
-            quality["box_iou_whole_image"] = float(cim_lib.box_iou(whole, truth).mean())
+            scores = truth.best_iou(table.indices, table.boxes)
+            if not bool(scores.isnan().all()):  # images without a true box are left out of the means
+                quality["box_iou"] = float(scores.nanmean())
+                quality["box_iou_whole_image"] = float(truth.best_iou(table.indices, whole).nanmean())
         return quality
 
     def _update_memory(self, phase: Phase) -> None:

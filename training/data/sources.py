@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from .boxes import ObjectBoxes, imagenet_boxes, inclusive_box
 from .synthetic import SyntheticSpec, generate
 
 __all__ = [
@@ -61,12 +62,13 @@ class ImageSet(torch.utils.data.Dataset):
 
     Attributes:
         targets (np.ndarray): int64 class id of every image, length N.
-        object_boxes (Tensor[N, 4] int64 | None): true object box (y0, y1, x0, x1), half-open, in pixels of the
-            image at its original size; synthetic data and Tiny ImageNet.
+        object_boxes (ObjectBoxes | None): true object boxes (y0, y1, x0, x1), half-open, in pixels of the image at
+            its original size (:class:`training.data.boxes.ObjectBoxes`): synthetic data, Tiny ImageNet, and
+            ImageNet where its localisation annotations are under the root.
     """
 
     targets: np.ndarray
-    object_boxes: torch.Tensor | None = None
+    object_boxes: ObjectBoxes | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -84,6 +86,13 @@ class ImageSet(torch.utils.data.Dataset):
         return self.load(i), int(self.targets[i])
 
 
+def _as_object_boxes(boxes):
+    """None, an :class:`ObjectBoxes`, or Tensor[N, 4] (one box per image) -> ObjectBoxes | None."""
+    if boxes is None or isinstance(boxes, ObjectBoxes):
+        return boxes
+    return ObjectBoxes.one_per_image(boxes)
+
+
 class TensorImageSet(ImageSet):
     """Images held in memory as one uint8 Tensor[N, 3, H, W]."""
 
@@ -94,7 +103,7 @@ class TensorImageSet(ImageSet):
         self.targets = np.asarray(targets, dtype=np.int64)
         if len(self.targets) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.targets)} targets")
-        self.object_boxes = object_boxes
+        self.object_boxes = _as_object_boxes(object_boxes)
 
     def load(self, i):
         return self.images[int(i)].clone()
@@ -121,7 +130,7 @@ class FileImageSet(ImageSet):
             raise ValueError(f"{len(self._relative)} paths but {len(self.targets)} targets")
         self.on_bad_image = on_bad_image
         self._bad = torch.zeros(len(self.targets), dtype=torch.bool).share_memory_()
-        self.object_boxes = object_boxes
+        self.object_boxes = _as_object_boxes(object_boxes)
 
     def path(self, i) -> str:
         return self.directory + os.fsdecode(self._relative[int(i)])
@@ -296,7 +305,7 @@ def _imagenet(name, root, on_bad_image, classes=None):
     return (*found, "imagefolder")
 
 
-def _inclusive_box(name, root, where, fields):
+def _checked_box(name, root, where, fields):
     """``x0 y0 x1 y1`` inclusive pixel coordinates (Tiny ImageNet) -> half-open (y0, y1, x0, x1)."""
     try:
         x0, y0, x1, y1 = (int(v) for v in fields)
@@ -306,7 +315,7 @@ def _inclusive_box(name, root, where, fields):
     if not (0 <= x0 <= x1 and 0 <= y0 <= y1):
         raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{where}: box x0 y0 x1 y1 = {x0} {y0} {x1} {y1} is "
                           "not 0 <= x0 <= x1, 0 <= y0 <= y1")
-    return y0, y1 + 1, x0, x1 + 1
+    return inclusive_box(x0, y0, x1, y1)
 
 
 def _annotation_lines(name, root, path, columns):
@@ -345,14 +354,14 @@ def _tinyimagenet(name, root, on_bad_image):
         for where, fields in _annotation_lines(name, root, folder / f"{wnid}_boxes.txt", 5):
             train_paths.append(folder / "images" / fields[0])
             train_targets.append(class_to_idx[wnid])
-            train_boxes.append(_inclusive_box(name, root, where, fields[1:]))
+            train_boxes.append(_checked_box(name, root, where, fields[1:]))
     test_paths, test_targets, test_boxes = [], [], []
     for where, fields in _annotation_lines(name, root, root / "val" / "val_annotations.txt", 6):
         if fields[1] not in class_to_idx:
             continue  # a class that wnids.txt does not list (a subset of the full download)
         test_paths.append(root / "val" / "images" / fields[0])
         test_targets.append(class_to_idx[fields[1]])
-        test_boxes.append(_inclusive_box(name, root, where, fields[2:]))
+        test_boxes.append(_checked_box(name, root, where, fields[2:]))
     missing = [str(p) for p in train_paths[:1] + test_paths[:1] if not p.is_file()]
     if missing or not test_paths:
         problem = f"{missing[0]} does not exist" if missing else "val/val_annotations.txt lists none of its classes"
@@ -457,18 +466,23 @@ def _load_tinyimagenet(root, seed, on_bad_image, options):
                   info={"layout": "tinyimagenet", "wnids": classes})
 
 
+def _imagenet_source(name, root, on_bad_image, options, classes=None):
+    _check_options(name, options, _FILE_OPTIONS)
+    root = _check_root(name, root, _IMAGENET_LAYOUT)
+    classes, train, test, layout = _imagenet(name, root, on_bad_image, classes)
+    for split, images in (("train", train), ("val", test)):
+        images.object_boxes = imagenet_boxes(root, split, [images.path(i) for i in range(len(images))])
+    annotated = {split: None if images.object_boxes is None else images.object_boxes.annotated()
+                 for split, images in (("train", train), ("val", test))}
+    return _file_source(name, classes, train, test, root, options, layout=layout, annotated_images=annotated)
+
+
 def _load_imagenet1000(root, seed, on_bad_image, options):
-    _check_options("imagenet1000", options, _FILE_OPTIONS)
-    root = _check_root("imagenet1000", root, _IMAGENET_LAYOUT)
-    classes, train, test, layout = _imagenet("imagenet1000", root, on_bad_image)
-    return _file_source("imagenet1000", classes, train, test, root, options, layout=layout)
+    return _imagenet_source("imagenet1000", root, on_bad_image, options)
 
 
 def _load_imagenet100(root, seed, on_bad_image, options):
-    _check_options("imagenet100", options, _FILE_OPTIONS)
-    root = _check_root("imagenet100", root, _IMAGENET_LAYOUT)
-    classes, train, test, layout = _imagenet("imagenet100", root, on_bad_image, classes=imagenet100_wnids())
-    return _file_source("imagenet100", classes, train, test, root, options, layout=layout)
+    return _imagenet_source("imagenet100", root, on_bad_image, options, classes=imagenet100_wnids())
 
 
 def _load_food101(root, seed, on_bad_image, options):
