@@ -18,8 +18,9 @@ def test_best_iou_picks_the_best_match_and_skips_images_without_boxes():
     assert got[0] == pytest.approx(0.5) and torch.isnan(got[1]) and got[2] == pytest.approx(0.5)
     assert torch.isnan(ObjectBoxes.from_lists([[], []]).best_iou([0, 1], boxes[:2])).all()
     single = ObjectBoxes.one_per_image(torch.tensor([[0, 10, 0, 10], [1, 2, 3, 4]]))
-    assert torch.equal(single.best_iou([1, 0], torch.tensor([[1, 2, 3, 4], [0, 5, 0, 10]])),
-                       box_iou(torch.tensor([[1, 2, 3, 4], [0, 5, 0, 10]]), torch.tensor([[1, 2, 3, 4], [0, 10, 0, 10]])))
+    boxes = torch.tensor([[1, 2, 3, 4], [0, 5, 0, 10]])
+    expected = box_iou(boxes, torch.tensor([[1, 2, 3, 4], [0, 10, 0, 10]]))
+    assert torch.equal(single.best_iou([1, 0], boxes), expected)
 
 
 def _xml(path, boxes, size=(20, 16)):

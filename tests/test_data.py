@@ -104,7 +104,8 @@ def test_synthetic_source():
     assert source.train.object_boxes.boxes.shape == (60, 4) and source.train.bad_count == 0
     with pytest.raises(TypeError, match="valid: num_classes"):
         load_source("synthetic", colour="red")
-    with pytest.raises(ValueError, match="choose one of: synthetic, imagefolder, tinyimagenet, imagenet1000, imagenet100, food101"):
+    with pytest.raises(ValueError, match="choose one of: synthetic, imagefolder, tinyimagenet, imagenet1000, "
+                                         "imagenet100, food101"):
         load_source("cifar10")
     with pytest.raises(ValueError, match="on_bad_image"):
         load_source("synthetic", on_bad_image="ignore")

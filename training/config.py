@@ -85,7 +85,8 @@ class Config:
     # FOSTER
     beta1: float = 0.97
     beta2: float = 0.97
-    class_weight_counts: Literal["nominal", "real"] = "nominal"  # old classes at the per-class budget (original) or real exemplar counts
+    # old classes at the per-class budget (the original) or at their real exemplar counts
+    class_weight_counts: Literal["nominal", "real"] = "nominal"
     lambda_okd: float = 1.0
     T: float = 2.0
     is_teacher_wa: bool = False
