@@ -69,6 +69,10 @@ def test_source_keeps_the_classes_wnids_lists(tmp_path):
     source = load_source("tinyimagenet", root)
     assert source.num_classes == 2 and source.info["wnids"] == ["n01", "n03"]
     assert len(source.train) == 8 and len(source.test) == 4 and len(source.test.object_boxes) == 4
+    first = load_source("tinyimagenet", root, num_classes=1)
+    assert first.info["wnids"] == ["n01"] and len(first.train) == 4
+    with pytest.raises(ValueError, match="num_classes must be an int in"):
+        load_source("tinyimagenet", root, num_classes=3)
 
 
 @pytest.mark.parametrize("damage, words", [

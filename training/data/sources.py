@@ -334,14 +334,20 @@ def _annotation_lines(name, root, path, columns):
     return rows
 
 
-def _tinyimagenet(name, root, on_bad_image):
-    """(classes, class names, train, test) of a Tiny ImageNet root; the classes are those wnids.txt lists."""
+def _tinyimagenet(name, root, on_bad_image, num_classes=None):
+    """(classes, class names, train, test) of a Tiny ImageNet root; the classes are those wnids.txt lists (the first
+    ``num_classes`` of them in sorted order, if given)."""
     wnids_file = root / "wnids.txt"
     if not wnids_file.is_file():
         raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} does not exist")
     classes = sorted({line.strip() for line in wnids_file.read_text().splitlines() if line.strip()})
     if not classes:
         raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} lists no classes")
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(classes):
+            raise ValueError(f"{name}: num_classes must be an int in [1, {len(classes)}] (the classes {wnids_file} "
+                             f"lists), got {num_classes!r}")
+        classes = classes[:num_classes]
     class_to_idx = {c: i for i, c in enumerate(classes)}
     words = {}
     if (root / "words.txt").is_file():
@@ -458,9 +464,9 @@ def _load_imagefolder(root, seed, on_bad_image, options):
 
 
 def _load_tinyimagenet(root, seed, on_bad_image, options):
-    _check_options("tinyimagenet", options, _FILE_OPTIONS)
+    _check_options("tinyimagenet", options, _FILE_OPTIONS + ("num_classes",))
     root = _check_root("tinyimagenet", root, _TINYIMAGENET_LAYOUT)
-    classes, names, train, test = _tinyimagenet("tinyimagenet", root, on_bad_image)
+    classes, names, train, test = _tinyimagenet("tinyimagenet", root, on_bad_image, options.get("num_classes"))
     return Source(name="tinyimagenet", num_classes=len(classes), class_names=names, train=train, test=test,
                   image_size=int(options.get("image_size", 64)), root=str(root),
                   info={"layout": "tinyimagenet", "wnids": classes})
@@ -513,7 +519,8 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
         on_bad_image: ``"skip"`` (unreadable images load as ``None``, warned once, counted) or ``"error"``.
         **options: ``synthetic``: num_classes, image_size, train_per_class, test_per_class, cell, decoys, blobs,
             lines, noise (see :class:`training.data.synthetic.SyntheticSpec`); file sources: image_size (the
-            training resolution recorded in the Source, default 224; 64 for tinyimagenet).
+            training resolution recorded in the Source, default 224; 64 for tinyimagenet); tinyimagenet also
+            num_classes (the first N of the classes wnids.txt lists, in sorted order).
 
     Raises:
         ValueError: unknown name or on_bad_image. DataRootError (a ValueError): missing or malformed root; the
