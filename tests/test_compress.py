@@ -1,6 +1,5 @@
 """cim_ext.compress / uncompress / compress_parts / compress_cost: bit-exact against cim_ext.reference (itself two
 F.interpolate(mode="nearest-exact") calls), layouts, edge boxes, opcheck, torch.compile, bad input, fuzz."""
-import math
 
 import pytest
 import torch

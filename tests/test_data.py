@@ -101,10 +101,11 @@ def test_synthetic_source():
     image = source.train.load(7)
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
     assert source.train.targets.dtype == np.int64
-    assert source.train.object_boxes.shape == (60, 4) and source.train.bad_count == 0
+    assert source.train.object_boxes.boxes.shape == (60, 4) and source.train.bad_count == 0
     with pytest.raises(TypeError, match="valid: num_classes"):
         load_source("synthetic", colour="red")
-    with pytest.raises(ValueError, match="choose one of: synthetic, imagefolder, imagenet1000, imagenet100, food101"):
+    with pytest.raises(ValueError, match="choose one of: synthetic, imagefolder, tinyimagenet, imagenet1000, "
+                                         "imagenet100, food101"):
         load_source("cifar10")
     with pytest.raises(ValueError, match="on_bad_image"):
         load_source("synthetic", on_bad_image="ignore")

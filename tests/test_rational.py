@@ -236,7 +236,9 @@ def test_gradcheck_relu_init_with_zero_coefficient():
 def test_gradgradcheck(device, degrees, shape):
     """Second derivatives in x and both coefficient vectors (the CIM meta-step differentiates the backward)."""
     x = activation(shape, torch.float64, device, seed=sum(shape), away_from_zero=0.1).requires_grad_()
-    numerator, denominator = (c.requires_grad_() for c in coefficients(*degrees, torch.float64, device, seed=len(shape)))
+    numerator, denominator = coefficients(*degrees, torch.float64, device, seed=len(shape))
+    numerator.requires_grad_()
+    denominator.requires_grad_()
     assert torch.autograd.gradgradcheck(cim_ext.rational, (x, numerator, denominator))
 
 

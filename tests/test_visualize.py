@@ -35,7 +35,7 @@ def _fake_run(run_dir, *, compression="cam", data_seed=0, learnt=True):
     for label in range(4):
         indices = [int(i) for i in (source.train.targets == label).nonzero()[0][:3]]
         images = [source.train.load(i) for i in indices]
-        boxes = source.train.object_boxes[indices] if mode == "cam" else None
+        boxes = source.train.object_boxes.boxes[indices] if mode == "cam" else None
         memory.add_class(label, compress_exemplars(images, boxes, cfg.compress_ratio, mode, indices=indices,
                                                    label=label))
         if mode == "cam":

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 import cim_ext
 
+from .data.boxes import box_iou
 from .models import functional_forward, split_parameters
 
 __all__ = [
@@ -388,14 +389,3 @@ def meta_batches(loader):
 def clip_scale(boosting: bool) -> float:
     """The original clips phi's gradient at max_phi_grad_norm in phase 0 and sqrt(2) x that when boosting."""
     return math.sqrt(2.0) if boosting else 1.0
-
-
-def box_iou(boxes: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """IoU of paired boxes (y0, y1, x0, x1), int64 [N, 4] each -> float64 [N] (0 where the union is empty)."""
-    boxes, other = boxes.to(torch.int64), other.to(torch.int64)
-    height = (torch.minimum(boxes[:, 1], other[:, 1]) - torch.maximum(boxes[:, 0], other[:, 0])).clamp(min=0)
-    width = (torch.minimum(boxes[:, 3], other[:, 3]) - torch.maximum(boxes[:, 2], other[:, 2])).clamp(min=0)
-    inter = (height * width).double()
-    area = lambda b: ((b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])).double()  # noqa: E731
-    union = area(boxes) + area(other) - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))

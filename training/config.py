@@ -39,7 +39,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 COMPRESSION_MODES = ("none", "downsample", "cam", "cim")
 BACKBONES = ("resnet18", "resnet32", "resnet20", "resnet14", "resnet8")
-DATASETS = ("synthetic", "imagefolder", "imagenet1000", "imagenet100", "food101")
+DATASETS = ("synthetic", "imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101")
 
 
 class ConfigError(ValueError):
@@ -52,7 +52,7 @@ class Config:
     docs/training.md has the table of keys and meanings."""
 
     # data and protocol
-    dataset: Literal["synthetic", "imagefolder", "imagenet1000", "imagenet100", "food101"] = "synthetic"
+    dataset: Literal["synthetic", "imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101"] = "synthetic"
     data_root: Union[str, None] = None
     data_options: dict = field(default_factory=dict)  # extra keyword options for training.data.load_source
     on_bad_image: Literal["skip", "error"] = "skip"
@@ -85,7 +85,8 @@ class Config:
     # FOSTER
     beta1: float = 0.97
     beta2: float = 0.97
-    class_weight_counts: Literal["nominal", "real"] = "nominal"  # old classes at the per-class budget (original) or real exemplar counts
+    # old classes at the per-class budget (the original) or at their real exemplar counts
+    class_weight_counts: Literal["nominal", "real"] = "nominal"
     lambda_okd: float = 1.0
     T: float = 2.0
     is_teacher_wa: bool = False

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, load_config, parse_override, _assign
+from .config import Config, ConfigError, config_names, load_config, parse_override, _assign
 from .distributed import resolve_runtime
 from .foster import ClassStream, Foster
 from .metrics import MetricsHistory, RunLoggers, evaluate
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Class-incremental learning with FOSTER + CIM exemplar compression (cim-ext).",
     )
     parser.add_argument("--dataset", help="dataset name; alone, also selects the bundled config of that name "
-                        "(synthetic, imagenet1000, imagenet100, food101, imagefolder)")
+                        "(synthetic, tinyimagenet, imagenet1000, imagenet100, food101, imagefolder)")
     parser.add_argument("--data-root", help="dataset root directory")
     parser.add_argument("--config", help="JSON config file or bundled config name (default: synthetic)")
     parser.add_argument("--out", help="run directory (default: runs/<dataset>-<compression>-seed<seed>)")
@@ -75,11 +75,17 @@ def _flatten(overrides) -> list:
 
 
 def _config_from_args(args) -> Config:
-    overrides = _flatten(args.overrides)
-    name = args.config or args.dataset or "synthetic"
-    cfg = load_config(name, overrides)
-    if args.dataset:
+    """``--config`` (default: the bundled config named like ``--dataset``, else ``synthetic``), switched to
+    ``--dataset``, then the ``--set`` overrides. A switched dataset starts with no ``data_options``: those of the
+    base config belong to its own source."""
+    bundled = args.dataset if args.dataset in config_names() else None
+    cfg = load_config(args.config or bundled or "synthetic")
+    if args.dataset and args.dataset != cfg.dataset:
         _assign(cfg, "dataset", args.dataset, source="--dataset")
+        cfg.data_options = {}
+    for item in _flatten(args.overrides):
+        key, value = parse_override(item)
+        _assign(cfg, key, value, source="--set")
     if args.data_root:
         cfg.data_root = args.data_root
     return cfg.validate()
@@ -252,7 +258,8 @@ def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
         "memory_cost": memory.total_cost(),
         "memory_bytes": memory.bytes_held(),
         "box_area_fraction": learner.phase_log.get("boxes_area"),
-        "box_iou": learner.phase_log.get("box_iou"),
+        "box_iou": learner.phase_log.get("box_iou"),  # CAM boxes vs true object boxes (where the source has them)
+        "box_iou_whole_image": learner.phase_log.get("box_iou_whole_image"),  # the whole-image box vs the same
         "box_refreshes": learner.phase_log.get("box_refreshes"),  # cim: box area / IoU at each in-phase refresh
         "phase_seconds": seconds,
     }

@@ -106,6 +106,17 @@ def _box_iou(a, b) -> float:
     return float(box_iou(torch.tensor([a], dtype=torch.int64), torch.tensor([b], dtype=torch.int64))[0])
 
 
+def _best_true_box(truth, index: int, box) -> Union[tuple, None]:
+    """The true box of image ``index`` that best matches ``box`` (None without one)."""
+    if truth is None:
+        return None
+    candidates = truth.of(index)
+    if not len(candidates):
+        return None
+    scores = [_box_iou(box, tuple(int(v) for v in c)) for c in candidates.tolist()]
+    return tuple(int(v) for v in candidates[max(range(len(scores)), key=scores.__getitem__)].tolist())
+
+
 def exemplar_rows(view: RunView, *, classes: int = 6, per_class: int = 2, seed: int = 0) -> list[dict]:
     """One dict per sampled stored exemplar with everything :func:`plot_exemplars` draws."""
     rng = random.Random(seed)
@@ -140,7 +151,7 @@ def exemplar_rows(view: RunView, *, classes: int = 6, per_class: int = 2, seed: 
                 "full_bytes": int(stored.numel()),
                 "box_area": (box[1] - box[0]) * (box[3] - box[2]) / float(ex.size[0] * ex.size[1]),
                 "cam": None if ex.index not in cam_rows else cams["cams"][cam_rows[ex.index]].float(),
-                "true_box": None if truth is None else tuple(int(v) for v in truth[ex.index].tolist()),
+                "true_box": _best_true_box(truth, ex.index, box),
             }
             row["iou"] = None if row["true_box"] is None or memory.mode != "cam" else _box_iou(box, row["true_box"])
             if original is None:

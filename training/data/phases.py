@@ -1,6 +1,5 @@
 """Class order, phases, and the dataset that feeds one phase."""
 import numpy as np
-import torch
 from torch.utils.data import Dataset, default_collate
 
 __all__ = ["class_order", "phase_classes", "class_indices", "PhaseDataset", "collate_skip_bad"]

@@ -1,8 +1,8 @@
 """Image sources: one train and one test :class:`ImageSet` per source, and :func:`load_source` to build them.
 
 Sources: ``synthetic`` (in memory, see :mod:`training.data.synthetic`), ``imagefolder`` (``train/`` + ``val/`` class
-folders), ``imagenet1000`` (ILSVRC2012 as class folders, or a torchvision ``datasets.ImageNet`` root),
-``imagenet100`` (the LUCIR/PODNet/FOSTER/CIM 100-class subset of an ``imagenet1000`` root) and ``food101`` (the
+folders), ``tinyimagenet`` (the official Tiny ImageNet layout, with its object boxes), ``imagenet1000`` (ILSVRC2012
+as class folders, or a torchvision ``datasets.ImageNet`` root), ``imagenet100`` (the LUCIR/PODNet/FOSTER/CIM 100-class subset of an ``imagenet1000`` root) and ``food101`` (the
 official archive layout). File-backed sets decode lazily with PIL; an unreadable file makes :meth:`ImageSet.load`
 return ``None`` (warned once per file, counted in :attr:`ImageSet.bad_count`) or, with ``on_bad_image="error"``,
 raise :class:`BadImageError` naming the file.
@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from .boxes import ObjectBoxes, imagenet_boxes, inclusive_box
 from .synthetic import SyntheticSpec, generate
 
 __all__ = [
@@ -61,11 +62,13 @@ class ImageSet(torch.utils.data.Dataset):
 
     Attributes:
         targets (np.ndarray): int64 class id of every image, length N.
-        object_boxes (Tensor[N, 4] int64 | None): true object box (y0, y1, x0, x1) per image; synthetic data only.
+        object_boxes (ObjectBoxes | None): true object boxes (y0, y1, x0, x1), half-open, in pixels of the image at
+            its original size (:class:`training.data.boxes.ObjectBoxes`): synthetic data, Tiny ImageNet, and
+            ImageNet where its localisation annotations are under the root.
     """
 
     targets: np.ndarray
-    object_boxes: torch.Tensor | None = None
+    object_boxes: ObjectBoxes | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -83,6 +86,13 @@ class ImageSet(torch.utils.data.Dataset):
         return self.load(i), int(self.targets[i])
 
 
+def _as_object_boxes(boxes):
+    """None, an :class:`ObjectBoxes`, or Tensor[N, 4] (one box per image) -> ObjectBoxes | None."""
+    if boxes is None or isinstance(boxes, ObjectBoxes):
+        return boxes
+    return ObjectBoxes.one_per_image(boxes)
+
+
 class TensorImageSet(ImageSet):
     """Images held in memory as one uint8 Tensor[N, 3, H, W]."""
 
@@ -93,7 +103,7 @@ class TensorImageSet(ImageSet):
         self.targets = np.asarray(targets, dtype=np.int64)
         if len(self.targets) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.targets)} targets")
-        self.object_boxes = object_boxes
+        self.object_boxes = _as_object_boxes(object_boxes)
 
     def load(self, i):
         return self.images[int(i)].clone()
@@ -106,7 +116,7 @@ class FileImageSet(ImageSet):
     each file is decoded, warned about and counted once.
     """
 
-    def __init__(self, paths, targets, *, on_bad_image="skip"):
+    def __init__(self, paths, targets, *, on_bad_image="skip", object_boxes=None):
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         paths = [os.fspath(p) for p in paths]
@@ -120,6 +130,7 @@ class FileImageSet(ImageSet):
             raise ValueError(f"{len(self._relative)} paths but {len(self.targets)} targets")
         self.on_bad_image = on_bad_image
         self._bad = torch.zeros(len(self.targets), dtype=torch.bool).share_memory_()
+        self.object_boxes = _as_object_boxes(object_boxes)
 
     def path(self, i) -> str:
         return self.directory + os.fsdecode(self._relative[int(i)])
@@ -179,6 +190,11 @@ _FOOD101_LAYOUT = (
     "<root>/meta/test.txt (lines '<class>/<id>'); <root> may also be the folder that contains food-101/"
 )
 _DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+_TINYIMAGENET_LAYOUT = (
+    "the official Tiny ImageNet layout: <root>/wnids.txt, <root>/train/<wnid>/images/*.JPEG with "
+    "<root>/train/<wnid>/<wnid>_boxes.txt, <root>/val/images/*.JPEG with <root>/val/val_annotations.txt "
+    "(and optionally <root>/words.txt)"
+)
 
 
 def _root_error(name, root, layout, problem):
@@ -289,6 +305,79 @@ def _imagenet(name, root, on_bad_image, classes=None):
     return (*found, "imagefolder")
 
 
+def _checked_box(name, root, where, fields):
+    """``x0 y0 x1 y1`` inclusive pixel coordinates (Tiny ImageNet) -> half-open (y0, y1, x0, x1)."""
+    try:
+        x0, y0, x1, y1 = (int(v) for v in fields)
+    except ValueError:
+        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{where}: expected four integer box coordinates "
+                          f"x0 y0 x1 y1, got {' '.join(fields)!r}") from None
+    if not (0 <= x0 <= x1 and 0 <= y0 <= y1):
+        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{where}: box x0 y0 x1 y1 = {x0} {y0} {x1} {y1} is "
+                          "not 0 <= x0 <= x1, 0 <= y0 <= y1")
+    return inclusive_box(x0, y0, x1, y1)
+
+
+def _annotation_lines(name, root, path, columns):
+    """Tab- or space-separated lines of an annotation file, each with ``columns`` fields."""
+    if not path.is_file():
+        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != columns:
+            raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{path} line {number}: expected {columns} fields, "
+                              f"got {len(fields)}")
+        rows.append((f"{path} line {number}", fields))
+    return rows
+
+
+def _tinyimagenet(name, root, on_bad_image, num_classes=None):
+    """(classes, class names, train, test) of a Tiny ImageNet root; the classes are those wnids.txt lists (the first
+    ``num_classes`` of them in sorted order, if given)."""
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.is_file():
+        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} does not exist")
+    classes = sorted({line.strip() for line in wnids_file.read_text().splitlines() if line.strip()})
+    if not classes:
+        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} lists no classes")
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(classes):
+            raise ValueError(f"{name}: num_classes must be an int in [1, {len(classes)}] (the classes {wnids_file} "
+                             f"lists), got {num_classes!r}")
+        classes = classes[:num_classes]
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    words = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid.strip()] = text.strip()
+    train_paths, train_targets, train_boxes = [], [], []
+    for wnid in classes:
+        folder = root / "train" / wnid
+        for where, fields in _annotation_lines(name, root, folder / f"{wnid}_boxes.txt", 5):
+            train_paths.append(folder / "images" / fields[0])
+            train_targets.append(class_to_idx[wnid])
+            train_boxes.append(_checked_box(name, root, where, fields[1:]))
+    test_paths, test_targets, test_boxes = [], [], []
+    for where, fields in _annotation_lines(name, root, root / "val" / "val_annotations.txt", 6):
+        if fields[1] not in class_to_idx:
+            continue  # a class that wnids.txt does not list (a subset of the full download)
+        test_paths.append(root / "val" / "images" / fields[0])
+        test_targets.append(class_to_idx[fields[1]])
+        test_boxes.append(_checked_box(name, root, where, fields[2:]))
+    missing = [str(p) for p in train_paths[:1] + test_paths[:1] if not p.is_file()]
+    if missing or not test_paths:
+        problem = f"{missing[0]} does not exist" if missing else "val/val_annotations.txt lists none of its classes"
+        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, problem)
+    as_boxes = lambda rows: torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)  # noqa: E731
+    train = FileImageSet(train_paths, train_targets, on_bad_image=on_bad_image, object_boxes=as_boxes(train_boxes))
+    test = FileImageSet(test_paths, test_targets, on_bad_image=on_bad_image, object_boxes=as_boxes(test_boxes))
+    return classes, [words.get(c, c) for c in classes], train, test
+
+
 def imagenet100_wnids() -> list[str]:
     """The 100 ImageNet class ids (wnids, sorted) of the LUCIR ImageNet-100 subset; class id = position."""
     text = resources.files(__package__).joinpath("imagenet100.txt").read_text()
@@ -374,18 +463,32 @@ def _load_imagefolder(root, seed, on_bad_image, options):
     return _file_source("imagefolder", classes, train, test, root, options, layout="imagefolder")
 
 
+def _load_tinyimagenet(root, seed, on_bad_image, options):
+    _check_options("tinyimagenet", options, _FILE_OPTIONS + ("num_classes",))
+    root = _check_root("tinyimagenet", root, _TINYIMAGENET_LAYOUT)
+    classes, names, train, test = _tinyimagenet("tinyimagenet", root, on_bad_image, options.get("num_classes"))
+    return Source(name="tinyimagenet", num_classes=len(classes), class_names=names, train=train, test=test,
+                  image_size=int(options.get("image_size", 64)), root=str(root),
+                  info={"layout": "tinyimagenet", "wnids": classes})
+
+
+def _imagenet_source(name, root, on_bad_image, options, classes=None):
+    _check_options(name, options, _FILE_OPTIONS)
+    root = _check_root(name, root, _IMAGENET_LAYOUT)
+    classes, train, test, layout = _imagenet(name, root, on_bad_image, classes)
+    for split, images in (("train", train), ("val", test)):
+        images.object_boxes = imagenet_boxes(root, split, [images.path(i) for i in range(len(images))])
+    annotated = {split: None if images.object_boxes is None else images.object_boxes.annotated()
+                 for split, images in (("train", train), ("val", test))}
+    return _file_source(name, classes, train, test, root, options, layout=layout, annotated_images=annotated)
+
+
 def _load_imagenet1000(root, seed, on_bad_image, options):
-    _check_options("imagenet1000", options, _FILE_OPTIONS)
-    root = _check_root("imagenet1000", root, _IMAGENET_LAYOUT)
-    classes, train, test, layout = _imagenet("imagenet1000", root, on_bad_image)
-    return _file_source("imagenet1000", classes, train, test, root, options, layout=layout)
+    return _imagenet_source("imagenet1000", root, on_bad_image, options)
 
 
 def _load_imagenet100(root, seed, on_bad_image, options):
-    _check_options("imagenet100", options, _FILE_OPTIONS)
-    root = _check_root("imagenet100", root, _IMAGENET_LAYOUT)
-    classes, train, test, layout = _imagenet("imagenet100", root, on_bad_image, classes=imagenet100_wnids())
-    return _file_source("imagenet100", classes, train, test, root, options, layout=layout)
+    return _imagenet_source("imagenet100", root, on_bad_image, options, classes=imagenet100_wnids())
 
 
 def _load_food101(root, seed, on_bad_image, options):
@@ -398,6 +501,7 @@ def _load_food101(root, seed, on_bad_image, options):
 SOURCES = {
     "synthetic": _load_synthetic,
     "imagefolder": _load_imagefolder,
+    "tinyimagenet": _load_tinyimagenet,
     "imagenet1000": _load_imagenet1000,
     "imagenet100": _load_imagenet100,
     "food101": _load_food101,
@@ -408,13 +512,15 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
     """Build a :class:`Source`.
 
     Args:
-        name: one of ``synthetic``, ``imagefolder``, ``imagenet1000``, ``imagenet100``, ``food101``.
+        name: one of ``synthetic``, ``imagefolder``, ``tinyimagenet``, ``imagenet1000``, ``imagenet100``,
+            ``food101``.
         root: data root (ignored by ``synthetic``).
         seed: seed of the synthetic generator (file sources ignore it).
         on_bad_image: ``"skip"`` (unreadable images load as ``None``, warned once, counted) or ``"error"``.
         **options: ``synthetic``: num_classes, image_size, train_per_class, test_per_class, cell, decoys, blobs,
             lines, noise (see :class:`training.data.synthetic.SyntheticSpec`); file sources: image_size (the
-            training resolution recorded in the Source, default 224).
+            training resolution recorded in the Source, default 224; 64 for tinyimagenet); tinyimagenet also
+            num_classes (the first N of the classes wnids.txt lists, in sorted order).
 
     Raises:
         ValueError: unknown name or on_bad_image. DataRootError (a ValueError): missing or malformed root; the
