@@ -15,8 +15,8 @@ def _learner(overrides):
 
 
 @pytest.mark.parametrize("overrides, old", [
-    (["memory_size=20"], [6, 6, 6]),  # the original: memory_size // known classes
-    (["memory_per_class=5", "fixed_memory=true"], [5, 5, 5]),
+    (["memory_size=20", "class_weight_counts=nominal"], [6, 6, 6]),  # the original: memory_size // known classes
+    (["memory_per_class=5", "fixed_memory=true", "class_weight_counts=nominal"], [5, 5, 5]),
     (["memory_size=20", "class_weight_counts=real"], [9, 8, 7]),  # stored exemplars
 ])
 def test_class_counts(overrides, old):

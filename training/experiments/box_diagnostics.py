@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from cim_ext.nn import RELU_INIT
 
-from ..cim import CamDataset, box_iou, compute_boxes
+from ..cim import CamDataset, compute_boxes
 from ..config import Runtime
 from ..data import build_transform, collate_skip_bad
 from ..models import FosterNet, rational_modules
@@ -67,7 +67,7 @@ def branch_boxes(run_dir: str, *, batch_size: int = 256) -> dict:
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad)
         table = compute_boxes(network, loader, activation="relu" if branch == "relu" else "rational",
                               threshold=view.cfg.cam_threshold, runtime=runtime)
-        results[branch] = {"box_iou": float(box_iou(table.boxes, truth[table.indices]).mean()),
+        results[branch] = {"box_iou": float(truth.best_iou(table.indices, table.boxes).nanmean()),
                            "box_area": table.area_fraction(), "images": len(table)}
     return results
 
