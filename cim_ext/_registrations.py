@@ -159,7 +159,8 @@ def _backward_of_backward(reference_fn, need):
     def backward(ctx, *out_grads):
         values = _saved_inputs(ctx)
         primals = [i for i, v in enumerate(values) if i > 0 and isinstance(v, torch.Tensor) and v.is_floating_point()]
-        wanted = [i for i, flag in zip(primals, need(values)) if flag]
+        flags = need(values)
+        wanted = [i for i, flag in zip(primals, flags) if flag]
         varied = [0] + [i for i in primals if i in wanted or ctx.needs_input_grad[i]]
 
         def first_order(*tensors):
@@ -176,7 +177,7 @@ def _backward_of_backward(reference_fn, need):
             return pullback(local[0].to(out.dtype))
 
         computed, pullback = torch.func.vjp(first_order, *[values[i] for i in varied])
-        cotangents = [g for g, flag in zip(out_grads, need(values)) if flag]
+        cotangents = [g for g, flag in zip(out_grads, flags) if flag]
         cotangents = tuple(torch.zeros_like(c) if g is None else g.to(c.dtype) for c, g in zip(computed, cotangents))
         by_slot = dict(zip(varied, pullback(cotangents)))
         return tuple(
