@@ -198,10 +198,16 @@ def load_config(path_or_name: Union[str, None] = None, overrides: Union[list, tu
         raise ConfigError(f"config {path}: expected a JSON object of key: value pairs")
     for key, value in values.items():
         _assign(cfg, key, value, source=path)
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def apply_overrides(cfg: Config, overrides: Union[list, tuple] = ()) -> Config:
+    """Apply ``key=value`` overrides (as given to ``--set``) to ``cfg`` in place; not validated yet."""
     for item in overrides or ():
         key, value = parse_override(item)
         _assign(cfg, key, value, source="--set")
-    return cfg.validate()
+    return cfg
 
 
 def parse_override(item: str) -> tuple[str, str]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, config_names, load_config, parse_override, _assign
+from .config import Config, ConfigError, apply_overrides, config_names, load_config, parse_override, _assign
 from .distributed import resolve_runtime
 from .foster import ClassStream, Foster
 from .metrics import MetricsHistory, RunLoggers, evaluate
@@ -83,9 +83,7 @@ def _config_from_args(args) -> Config:
     if args.dataset and args.dataset != cfg.dataset:
         _assign(cfg, "dataset", args.dataset, source="--dataset")
         cfg.data_options = {}
-    for item in _flatten(args.overrides):
-        key, value = parse_override(item)
-        _assign(cfg, key, value, source="--set")
+    apply_overrides(cfg, _flatten(args.overrides))
     if args.data_root:
         cfg.data_root = args.data_root
     return cfg.validate()

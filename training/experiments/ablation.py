@@ -461,8 +461,8 @@ def _over_training_stats(curves) -> Union[dict, None]:
     curves = [c for c in curves if c]
     if not curves:
         return None
-    xs = sorted({float(x) for c in curves for x in c})
-    columns = [_stats([c[x] for c in curves if x in c] + [c[str(x)] for c in curves if str(x) in c]) for x in xs]
+    xs = sorted({x for c in curves for x in c})
+    columns = [_stats([c[x] for c in curves if x in c]) for x in xs]
     return {"x": xs, "mean": [c["mean"] for c in columns], "std": [c["std"] for c in columns],
             "n": [c["n"] for c in columns]}
 
