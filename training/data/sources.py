@@ -4,8 +4,9 @@ Sources: ``synthetic`` (in memory, see :mod:`training.data.synthetic`), ``imagef
 folders), ``tinyimagenet`` (the official Tiny ImageNet layout, with its object boxes), ``imagenet1000`` (ILSVRC2012
 as class folders, or a torchvision ``datasets.ImageNet`` root), ``imagenet100`` (the LUCIR/PODNet/FOSTER/CIM
 100-class subset of an ``imagenet1000`` root) and ``food101`` (the official archive layout). File-backed sets
-decode lazily with PIL; an unreadable file makes :meth:`ImageSet.load` return ``None`` (warned once per file, counted in :attr:`ImageSet.bad_count`) or, with ``on_bad_image="error"``,
-raise :class:`BadImageError` naming the file.
+decode lazily with PIL; an unreadable file makes :meth:`ImageSet.load` return ``None`` (warned once per file,
+counted in :attr:`ImageSet.bad_count`) or, with ``on_bad_image="error"``, raise :class:`BadImageError` naming the
+file.
 """
 import os
 import warnings
