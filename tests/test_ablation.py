@@ -35,7 +35,7 @@ def _write(path, payload):
 def test_plan_covers_every_setting_budget_and_seed(tmp_path):
     preset = ab.PRESETS["default"]
     jobs = ab.plan(preset, runs_dir=str(tmp_path), seeds=3)
-    assert len(jobs) == len(ab.SETTINGS) * len(ab.BUDGETS) * 3
+    assert len(jobs) == len(ab.COMPRESSION_SETTINGS) * len(ab.BUDGETS) * 3
     assert len({j.run_dir for j in jobs}) == len(jobs)
     assert sorted({j.seed for j in jobs}) == [1993, 1994, 1995]
     jobs = [j for j in jobs if j.seed == 1993]  # (config loading is slowish: check one seed)
@@ -57,8 +57,36 @@ def test_presets_are_valid_configs(name, tmp_path):
     preset = ab.PRESETS[name]
     job = ab.plan(preset, runs_dir=str(tmp_path), seeds=1, device=preset.device)[0]
     cfg = ab.job_config(job)
-    assert cfg.dataset == "synthetic" and cfg.data_options["num_classes"] == preset.num_classes
+    assert cfg.dataset == preset.base_config and cfg.data_options["num_classes"] == preset.num_classes
     assert preset.seeds >= (1 if name == "quick" else 3)
+
+
+def test_bounds_run_once_per_seed_and_count_under_every_budget(tmp_path):
+    preset = ab.PRESETS["tinyimagenet"]
+    jobs = ab.plan(preset, runs_dir=str(tmp_path / "runs"), seeds=2)
+    assert len(jobs) == (len(ab.COMPRESSION_SETTINGS) * len(ab.BUDGETS) + 2) * 2
+    bounds = [j for j in jobs if not ab.SETTINGS[j.setting].memory]
+    assert {j.key for j in bounds} == {f"bound-{s}-seed{seed}" for s in ("joint", "finetune") for seed in (1993, 1994)}
+    cfg = ab.job_config(bounds[0])
+    assert cfg.learner in ("joint", "finetune") and cfg.compression == "none" and cfg.memory_size == 0
+    assert cfg.dataset == "tinyimagenet" and cfg.data_options["train_per_class"] == 150
+    accuracy = {"joint": 60.0, "finetune": 20.0, "none": 40.0}
+    for job in jobs:
+        if job.setting in accuracy:
+            acc = accuracy[job.setting] + (job.seed - 1993) + (5.0 if job.budget == "large" else 0.0)
+            _write(os.path.join(job.run_dir, "summary.json"), _fake_summary(job, acc, boxes=False, config={}))
+    report = ab.build_report(preset, jobs)
+    for budget, none in (("small", 40.5), ("large", 45.5)):
+        assert report["results"][budget]["joint"]["avg_inc_top1"]["mean"] == pytest.approx(60.5)
+        assert report["results"][budget]["none"]["avg_inc_top1"]["mean"] == pytest.approx(none)
+        assert report["gaps"][budget]["none-finetune"]["mean"] == pytest.approx(none - 20.5)
+    page = ab.render_markdown(report)
+    assert "real photos (`tinyimagenet`)" in page and "joint training (upper bound)" in page
+
+
+def test_real_photo_preset_needs_a_data_root(tmp_path):
+    with pytest.raises(SystemExit, match="--data-root"):
+        ab.main(["--preset", "tinyimagenet", "--dry-run", "--runs", str(tmp_path)])
 
 
 def test_job_state_resume_and_config_guard(tmp_path):

@@ -61,6 +61,35 @@ def test_end_to_end_each_compression_mode(tmp_path, compression):
     assert stored["seed"] == 1993 and stored["config"]["compression"] == compression
 
 
+@pytest.mark.parametrize("learner", ["finetune", "joint"])
+def test_bounds_train_one_network_without_memory(tmp_path, monkeypatch, learner):
+    from training.checkpoint import load_checkpoint
+    from training.foster import Foster
+
+    trained_on = []
+    original = Foster._train_dataset
+
+    def recording(self, phase, **kwargs):
+        dataset = original(self, phase, **kwargs)
+        trained_on.append(sorted({int(self.stream.source.train.targets[i]) for i in dataset.indices}))
+        return dataset
+
+    monkeypatch.setattr(Foster, "_train_dataset", recording)
+    summary = run(_tiny(f"learner={learner}", "compression=none", "memory_size=0"), out_dir=str(tmp_path))
+    assert summary["finished"] and summary["final"]["num_classes"] == 6
+    assert summary["final"]["extra"]["exemplars"] == 0 and "student_top1" not in summary["final"]["extra"]
+    spec = load_checkpoint(str(tmp_path / "checkpoint.pt"))["learner"]["network"]["spec"]
+    assert spec["num_backbones"] == 1 and spec["fc"][0] == 6 and spec["old_fc"] is None
+    phases = list(dict.fromkeys(map(tuple, trained_on)))  # one entry per phase (every epoch trains on the same)
+    assert [len(classes) for classes in phases] == ([2, 4, 6] if learner == "joint" else [2, 2, 2])
+    assert len({c for classes in phases for c in classes}) == 6
+
+
+def test_bounds_need_compression_none():
+    with pytest.raises(ConfigError, match="compression: expected 'none' with learner='joint'"):
+        _tiny("learner=joint", "compression=cim")
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """Kill mid-phase (after the 4th checkpoint: inside phase 1), resume, compare every number of summary.json."""
     settings = ("init_epochs=2", "incre_epochs=2", "compression_epochs=2", "checkpoint_every=1")

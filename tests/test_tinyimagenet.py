@@ -75,6 +75,15 @@ def test_source_keeps_the_classes_wnids_lists(tmp_path):
         load_source("tinyimagenet", root, num_classes=3)
 
 
+def test_source_keeps_the_first_train_per_class_images(tmp_path):
+    root = tiny_imagenet_tree(tmp_path / "tiny")
+    source = load_source("tinyimagenet", root, train_per_class=3)
+    assert source.train.targets.tolist() == [0] * 3 + [1] * 3 + [2] * 3 and len(source.test) == 6
+    assert source.train.object_boxes.of(4).tolist() == [[2, 15, 1, 16]]  # image 1 of class 1: the file's order
+    with pytest.raises(ValueError, match="train_per_class must be an int >= 1"):
+        load_source("tinyimagenet", root, train_per_class=0)
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda root: (root / "wnids.txt").unlink(), "wnids.txt does not exist"),
     (lambda root: (root / "val" / "val_annotations.txt").unlink(), "val_annotations.txt does not exist"),

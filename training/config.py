@@ -7,7 +7,7 @@ every value. Unknown keys and bad values raise :class:`ConfigError` naming the v
 The original repository's JSON files load unchanged: its keys ``convnet_type`` and ``num_workers`` are aliases of
 ``backbone`` and ``workers``; ``seed``/``device`` given as one-element lists are unwrapped; ``prefix``, ``shuffle``,
 ``model_name`` and ``oofc`` are accepted and checked but have no effect (the class order is always shuffled, the
-learner is always FOSTER, ``oofc`` is unused by the original FOSTER+CIM learner).
+learner is chosen by ``learner``, ``oofc`` is unused by the original FOSTER+CIM learner).
 
 :class:`Runtime` resolves the device, distributed rank and precision settings once; learners receive it and never
 pick devices, wrap models or build samplers themselves.
@@ -82,6 +82,9 @@ class Config:
     momentum: float = 0.9
     max_phi_grad_norm: float = 1.0
     batch_size: int = 256
+    # learner: FOSTER, or one of the two usual bounds with no memory (one network, plain CE): "finetune" trains
+    # on the new classes only (lower bound), "joint" on every seen class's training images (upper bound)
+    learner: Literal["foster", "finetune", "joint"] = "foster"
     # FOSTER
     beta1: float = 0.97
     beta2: float = 0.97
@@ -367,6 +370,8 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         need(0 < getattr(cfg, key) < 1, key, "a number in (0, 1)")
     need(cfg.compress_ratio >= 1, "compress_ratio", "a number >= 1")
+    need(cfg.learner == "foster" or cfg.compression == "none", "compression",
+         f"'none' with learner={cfg.learner!r} (the bounds keep no exemplars)")
     need(0 <= cfg.mask_threshold <= 1, "mask_threshold", "a number in [0, 1]")
     if isinstance(cfg.threshold, float):
         need(0 <= cfg.threshold <= 1, "threshold", "a number in [0, 1] or 'otsu'")

@@ -17,6 +17,10 @@
 ``memory``  boxes of the new-class images -> compressed exemplars -> cost-aware herding (:mod:`training.memory`);
             old classes trimmed to the new per-class budget.
 
+``learner="finetune"`` / ``"joint"`` are the two usual bounds on the same schedule: one network widened each phase
+(:meth:`~training.models.FosterNet.widened`), plain CE on the new classes' images (lower bound) or on every seen
+class's images (upper bound), no student, no memory.
+
 As in the original (PyCIL) the per-phase accuracy is that of the teacher (the network trained in the phase); the
 student's accuracy is reported beside it. Step functions (:func:`train_step`, :func:`student_step`) and the CIM
 meta-step are module-level so that benchmarks can call them alone.
@@ -293,10 +297,14 @@ class Foster:
         self.phase_index = phase.index
         self.total = phase.total
         if self.network is None:
-            self.network = FosterNet(backbone=self.cfg.backbone, fc_bias=self.cfg.fc_bias)
-        self.network.grow(phase.total)
+            self.network = FosterNet(backbone=self.cfg.backbone, fc_bias=self.cfg.fc_bias).grow(phase.total)
+        elif self.cfg.learner == "foster":
+            self.network.grow(phase.total)
+        else:
+            self.network = self.network.widened(phase.total)
         self.runtime.prepare_model(self.network)
-        self.class_weights = self._class_weights(phase, self.cfg.beta1) if phase.index > 0 else None
+        boosting = phase.index > 0 and self.cfg.learner == "foster"
+        self.class_weights = self._class_weights(phase, self.cfg.beta1) if boosting else None
         self.boxes, self.aug_prob = None, 0.0
         self.phase_log = {"boxes_area": None}
         self._memory_view = None
@@ -364,6 +372,9 @@ class Foster:
                                        self.stream.label_map, boxes=boxes, prob=prob, ratio=self.cfg.compress_ratio)
 
     def _train_dataset(self, phase: Phase, *, with_augmentation: bool):
+        if self.cfg.learner == "joint":
+            return PhaseDataset(self.stream.source.train, self.stream.train_indices(self.stream.seen_classes(phase)),
+                                self.transforms["train"], self.stream.label_map)
         parts = [self._new_class_dataset(phase, self.transforms["train"], boxes=self.boxes,
                                          prob=self.aug_prob if with_augmentation else 0.0)]
         memory = self._memory_dataset(self.transforms["train"])
@@ -428,7 +439,7 @@ class Foster:
 
     def _end_boost(self, phase: Phase) -> None:
         """Move on to the student stage (later phases with compression_epochs > 0) or to the memory update."""
-        if phase.index > 0 and self.cfg.compression_epochs > 0:
+        if phase.index > 0 and self.cfg.compression_epochs > 0 and self.cfg.learner == "foster":
             self.student_net = self.network.student()
             self.runtime.prepare_model(self.student_net)
             self.class_weights = self._class_weights(phase, self.cfg.beta2)
@@ -562,6 +573,8 @@ class Foster:
 
     def _update_memory(self, phase: Phase) -> None:
         cfg = self.cfg
+        if cfg.learner != "foster":
+            return  # the bounds keep no exemplars
         budget = class_budget(cfg, total_classes=phase.total)
         if not cfg.fixed_memory:
             for label in self.memory.classes():

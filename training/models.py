@@ -280,6 +280,23 @@ class FosterNet(nn.Module):
         reference = next(self.parameters())
         return student.to(device=reference.device)
 
+    def widened(self, num_classes: int) -> "FosterNet":
+        """The single network of the no-memory bounds (``learner="finetune"`` / ``"joint"``) in its next phase: this
+        one-backbone network with ``fc`` widened to ``num_classes`` (old rows kept, new rows fresh), no old head."""
+        if len(self.backbones) != 1:
+            raise ValueError(f"widened: expected a one-backbone network, got {len(self.backbones)} backbones")
+        if num_classes <= self.num_classes:
+            raise ValueError(f"num_classes: expected more than the {self.num_classes} already known, got {num_classes}")
+        net = FosterNet(backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs, fc_bias=self.fc_bias)
+        net.grow(num_classes)
+        net.backbones[0].load_state_dict(self.backbones[0].state_dict())
+        net.task_sizes = list(self.task_sizes) + [num_classes - self.num_classes]
+        with torch.no_grad():
+            net.fc.weight[: self.num_classes] = self.fc.weight
+            if self.fc_bias:
+                net.fc.bias[: self.num_classes] = self.fc.bias
+        return net.to(device=next(self.parameters()).device)
+
     def weight_align(self, known: int, increment: int, value: float = 1.0) -> float:
         """WA (Zhao et al.): rescale the new classes' fc rows to the old rows' mean norm; returns gamma."""
         with torch.no_grad():

@@ -335,9 +335,10 @@ def _annotation_lines(name, root, path, columns):
     return rows
 
 
-def _tinyimagenet(name, root, on_bad_image, num_classes=None):
+def _tinyimagenet(name, root, on_bad_image, num_classes=None, train_per_class=None):
     """(classes, class names, train, test) of a Tiny ImageNet root; the classes are those wnids.txt lists (the first
-    ``num_classes`` of them in sorted order, if given)."""
+    ``num_classes`` of them in sorted order, if given), each with its first ``train_per_class`` training images (in
+    box-file order; all if None)."""
     wnids_file = root / "wnids.txt"
     if not wnids_file.is_file():
         raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} does not exist")
@@ -349,6 +350,9 @@ def _tinyimagenet(name, root, on_bad_image, num_classes=None):
             raise ValueError(f"{name}: num_classes must be an int in [1, {len(classes)}] (the classes {wnids_file} "
                              f"lists), got {num_classes!r}")
         classes = classes[:num_classes]
+    if train_per_class is not None and (isinstance(train_per_class, bool) or not isinstance(train_per_class, int)
+                                        or train_per_class < 1):
+        raise ValueError(f"{name}: train_per_class must be an int >= 1, got {train_per_class!r}")
     class_to_idx = {c: i for i, c in enumerate(classes)}
     words = {}
     if (root / "words.txt").is_file():
@@ -358,7 +362,7 @@ def _tinyimagenet(name, root, on_bad_image, num_classes=None):
     train_paths, train_targets, train_boxes = [], [], []
     for wnid in classes:
         folder = root / "train" / wnid
-        for where, fields in _annotation_lines(name, root, folder / f"{wnid}_boxes.txt", 5):
+        for where, fields in _annotation_lines(name, root, folder / f"{wnid}_boxes.txt", 5)[:train_per_class]:
             train_paths.append(folder / "images" / fields[0])
             train_targets.append(class_to_idx[wnid])
             train_boxes.append(_checked_box(name, root, where, fields[1:]))
@@ -465,9 +469,10 @@ def _load_imagefolder(root, seed, on_bad_image, options):
 
 
 def _load_tinyimagenet(root, seed, on_bad_image, options):
-    _check_options("tinyimagenet", options, _FILE_OPTIONS + ("num_classes",))
+    _check_options("tinyimagenet", options, _FILE_OPTIONS + ("num_classes", "train_per_class"))
     root = _check_root("tinyimagenet", root, _TINYIMAGENET_LAYOUT)
-    classes, names, train, test = _tinyimagenet("tinyimagenet", root, on_bad_image, options.get("num_classes"))
+    classes, names, train, test = _tinyimagenet("tinyimagenet", root, on_bad_image, options.get("num_classes"),
+                                                options.get("train_per_class"))
     return Source(name="tinyimagenet", num_classes=len(classes), class_names=names, train=train, test=test,
                   image_size=int(options.get("image_size", 64)), root=str(root),
                   info={"layout": "tinyimagenet", "wnids": classes})
@@ -521,7 +526,8 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
         **options: ``synthetic``: num_classes, image_size, train_per_class, test_per_class, cell, decoys, blobs,
             lines, noise (see :class:`training.data.synthetic.SyntheticSpec`); file sources: image_size (the
             training resolution recorded in the Source, default 224; 64 for tinyimagenet); tinyimagenet also
-            num_classes (the first N of the classes wnids.txt lists, in sorted order).
+            num_classes (the first N of the classes wnids.txt lists, in sorted order) and train_per_class (the first
+            N training images of each class).
 
     Raises:
         ValueError: unknown name or on_bad_image. DataRootError (a ValueError): missing or malformed root; the

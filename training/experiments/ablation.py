@@ -1,19 +1,26 @@
-"""CIM ablation: compressed vs uncompressed exemplars at equal memory, on the embedded synthetic data.
+"""CIM ablation: compressed vs uncompressed exemplars at equal memory, on the embedded synthetic data or on real
+photos (Tiny ImageNet).
 
-    python -m training.experiments.ablation [--quick | --gpu | --preset NAME] [--seeds N] [--out DIR]
-                                            [--runs DIR] [--device cpu|cuda|auto] [--jobs N] [--threads N]
-                                            [--settings a,b] [--budgets small,large] [--set key=value ...]
-                                            [--report-only] [--dry-run]
+    python -m training.experiments.ablation [--quick | --gpu | --preset NAME] [--data-root DIR] [--seeds N]
+                                            [--out DIR] [--runs DIR] [--device cpu|cuda|auto] [--jobs N]
+                                            [--threads N] [--settings a,b] [--budgets small,large]
+                                            [--set key=value ...] [--report-only] [--dry-run]
 
-Every (budget, setting, seed) is one ordinary ``training.run`` run (the bundled ``synthetic`` config plus the
-preset's and the setting's ``--set`` overrides) in its own run directory under ``--runs``. Settings, all at the same
-memory budget in image units (``memory_size``, shared by the seen classes as in the original protocol):
+Every (budget, setting, seed) is one ordinary ``training.run`` run (the preset's bundled config, ``synthetic`` or
+``tinyimagenet``, plus the preset's and the setting's ``--set`` overrides) in its own run directory under ``--runs``.
+Settings, all at the same memory budget in image units (``memory_size``, shared by the seen classes as in the
+original protocol):
 
 ``none``        plain FOSTER, uncompressed exemplars (cost 1 each);
 ``downsample``  every exemplar downsampled as a whole (no box), cost 1 / ratio;
 ``cam``         CAM boxes with the fixed threshold 0.6, box kept at full resolution, the rest downsampled;
 ``otsu``        the same with a per-image Otsu threshold;
 ``cim``         the full method: boxes from the rational-branch CAM learnt by the bilevel meta-step (threshold 0.6).
+
+and the two usual bounds, which keep no memory and so run once per seed for all budgets:
+
+``joint``       one network trained on every seen class's images each phase (upper bound);
+``finetune``    one network fine-tuned on the new classes' images only (lower bound).
 
 Runs are resumable: a run directory whose ``summary.json`` says ``finished`` is reused (after checking that its
 config is the one this command would run), one with a checkpoint is continued with ``--resume``, anything else
@@ -59,7 +66,6 @@ __all__ = [
     "main",
 ]
 
-BASE_CONFIG = "synthetic"
 TIMING_NAME = "ablation_timing.json"  # wall and CPU seconds of the run, written by the runner
 FIRST_SEED = 1993
 
@@ -74,6 +80,7 @@ class Setting:
     overrides: tuple
     boxes: bool  # CAM boxes (box area and IoU with the true object box are reported)
     cost_rank: int  # relative run time (higher first when scheduling)
+    memory: bool = True  # False: a bound without memory, run once per seed and reported under every budget
 
 
 SETTINGS = {
@@ -84,15 +91,21 @@ SETTINGS = {
         Setting("cam", "CAM, threshold 0.6", ("compression=cam", "threshold=0.6"), True, 1),
         Setting("otsu", "CAM, Otsu threshold", ("compression=cam", "threshold=otsu"), True, 1),
         Setting("cim", "CIM (threshold 0.6)", ("compression=cim", "threshold=0.6"), True, 2),
+        Setting("joint", "joint training (upper bound)", ("learner=joint", "compression=none"), False, 1, False),
+        Setting("finetune", "fine-tuning, no memory (lower bound)", ("learner=finetune", "compression=none"), False,
+                0, False),
     )
 }
+
+#: The exemplar-compression settings (every one but the bounds).
+COMPRESSION_SETTINGS = tuple(name for name, s in SETTINGS.items() if s.memory)
 
 #: Budget names in report order.
 BUDGETS = ("small", "large")
 
 #: Gaps reported (paired by seed): (a, b) means a - b.
 GAPS = (("cim", "none"), ("cim", "cam"), ("cim", "otsu"), ("cim", "downsample"), ("cam", "none"),
-        ("otsu", "cam"), ("downsample", "none"))
+        ("otsu", "cam"), ("downsample", "none"), ("joint", "none"), ("none", "finetune"))
 
 #: The original paper's figures (average incremental top-1 %, CVPR 2023 CIM, Tables 1-2), for the report.
 ORIGINAL = {
@@ -108,8 +121,8 @@ ORIGINAL = {
 # ---------------------------------------------------------------------------------------------------- presets
 @dataclass(frozen=True)
 class Preset:
-    """A size of the ablation: overrides of the bundled ``synthetic`` config shared by every run, the two budgets
-    (exemplars per class at the end, i.e. ``memory_size = per_class * num_classes``) and defaults."""
+    """A size of the ablation: overrides of a bundled config shared by every run, the two budgets (exemplars per
+    class at the end, i.e. ``memory_size = per_class * num_classes``) and defaults."""
 
     name: str
     description: str
@@ -119,6 +132,9 @@ class Preset:
     seeds: int
     device: str = "cpu"
     jobs: Union[int, None] = None  # None: the CPU cores available
+    base_config: str = "synthetic"  # the bundled config the runs start from
+    settings: tuple = COMPRESSION_SETTINGS  # what runs unless --settings says otherwise
+    needs_data_root: bool = False
 
     def memory_size(self, budget: str) -> int:
         return int(self.budgets[budget] * self.num_classes)
@@ -173,6 +189,22 @@ PRESETS = {
             device="cuda",
             jobs=8,
         ),
+        Preset(
+            name="tinyimagenet",
+            description="real photos: 20 Tiny ImageNet classes in 4 phases of 5, the first 150 training images per "
+                        "class at 32x32, ResNet-20, 3 seeds, with the joint-training and fine-tuning bounds (CPU, "
+                        "about 1 hour on 2 cores)",
+            num_classes=20,
+            overrides=("data_options.num_classes=20", "data_options.train_per_class=150", "image_size=32",
+                       "backbone=resnet20", "init_cls=5", "increment=5", "init_epochs=10", "incre_epochs=8",
+                       "compression_epochs=4", "batch_size=64", "cam_batch_size=128", "cam_update_interval=3",
+                       "num_meta_iters_per_cls=1"),
+            budgets={"small": 2, "large": 10},
+            seeds=3,
+            base_config="tinyimagenet",
+            settings=tuple(SETTINGS),
+            needs_data_root=True,
+        ),
     )
 }
 
@@ -180,48 +212,51 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------------------- plan
 @dataclass(frozen=True)
 class Job:
-    """One run of the ablation."""
+    """One run of the ablation (``budget`` None: a bound without memory, shared by every budget)."""
 
     preset: str
-    budget: str
+    budget: Union[str, None]
     setting: str
     seed: int
     overrides: tuple
     run_dir: str
+    base_config: str = "synthetic"
 
     @property
     def key(self) -> str:
-        return f"{self.budget}-{self.setting}-seed{self.seed}"
+        return f"{self.budget or 'bound'}-{self.setting}-seed{self.seed}"
 
 
 def seeds_of(count: int) -> list[int]:
     return [FIRST_SEED + k for k in range(count)]
 
 
-def plan(preset: Preset, *, runs_dir: str, seeds: int, settings: Sequence[str] = tuple(SETTINGS),
+def plan(preset: Preset, *, runs_dir: str, seeds: int, settings: Union[Sequence[str], None] = None,
          budgets: Sequence[str] = BUDGETS, device: str = "cpu", extra: Sequence[str] = ()) -> list[Job]:
-    """Every run of the ablation, in report order."""
+    """Every run of the ablation, in report order (``settings`` default: the preset's); the bounds run once per
+    seed, at no memory."""
     jobs = []
-    for budget in budgets:
-        for name in settings:
+    for name in preset.settings if settings is None else settings:
+        for budget in budgets if SETTINGS[name].memory else (None,):
             for seed in seeds_of(seeds):
-                overrides = (*preset.overrides, *COMMON, f"memory_size={preset.memory_size(budget)}",
-                             *SETTINGS[name].overrides, f"seed={seed}", f"device={device}", *extra)
-                jobs.append(Job(preset.name, budget, name, seed, overrides,
-                                os.path.join(runs_dir, f"{budget}-{name}-seed{seed}")))
-    return jobs
+                memory = f"memory_size={preset.memory_size(budget) if budget else 0}"
+                overrides = (*preset.overrides, *COMMON, memory, *SETTINGS[name].overrides, f"seed={seed}",
+                             f"device={device}", *extra)
+                job = Job(preset.name, budget, name, seed, overrides, "", preset.base_config)
+                jobs.append(dataclasses.replace(job, run_dir=os.path.join(runs_dir, job.key)))
+    return sorted(jobs, key=lambda j: (j.budget is None, BUDGETS.index(j.budget) if j.budget else 0))
 
 
 def job_config(job: Job):
     """The validated :class:`~training.config.Config` of a job (a fresh copy)."""
-    return copy.deepcopy(_load_config(job.overrides))
+    return copy.deepcopy(_load_config(job.base_config, job.overrides))
 
 
 @functools.lru_cache(maxsize=256)
-def _load_config(overrides: tuple):
+def _load_config(base: str, overrides: tuple):
     from ..config import load_config
 
-    return load_config(BASE_CONFIG, list(overrides))
+    return load_config(base, list(overrides))
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -349,7 +384,7 @@ def run_jobs(jobs: Sequence[Job], *, jobs_in_parallel: int = 1, threads: int = 1
             todo.append((job, state))
     if not todo:
         return status
-    todo.sort(key=lambda item: (-SETTINGS[item[0].setting].cost_rank, item[0].seed, item[0].budget))
+    todo.sort(key=lambda item: (-SETTINGS[item[0].setting].cost_rank, item[0].seed, item[0].budget or ""))
     use_subprocess = jobs_in_parallel > 1 if subprocesses is None else subprocesses
     started = time.perf_counter()
     log(f"ablation: {len(todo)} run(s) to do ({len(status)} already done), {jobs_in_parallel} at a time, "
@@ -432,6 +467,7 @@ def collect(jobs: Sequence[Job]) -> tuple[list[dict], list[str]]:
             "box_area_per_phase": [e.get("box_area_fraction") for e in extras] if boxes else None,
             "box_iou_per_phase": [e.get("box_iou") for e in extras] if boxes else None,
             "box_iou": _mean_or_none([e.get("box_iou") for e in extras]) if boxes else None,
+            "box_iou_whole_image": _mean_or_none([e.get("box_iou_whole_image") for e in extras]) if boxes else None,
             "box_iou_over_training": _iou_over_training(summary, extras) if boxes else None,
             "image_size": run.get("image_size"),
             "num_phases": run.get("num_phases", len(phases)),
@@ -485,18 +521,20 @@ def _per_phase_stats(lists) -> Union[dict, None]:
 
 
 SCALARS = ("avg_inc_top1", "last_top1", "forgetting", "exemplars_per_class", "exemplars", "memory_cost",
-           "bytes_held", "box_area_fraction", "box_iou", "wall_seconds", "cpu_seconds")
+           "bytes_held", "box_area_fraction", "box_iou", "box_iou_whole_image", "wall_seconds", "cpu_seconds")
 PER_PHASE = ("top1_per_phase", "box_iou_per_phase", "box_area_per_phase", "exemplars_per_class_per_phase")
 
 
 def aggregate(records: Sequence[dict], *, settings: Sequence[str] = tuple(SETTINGS),
               budgets: Sequence[str] = BUDGETS) -> dict:
-    """Mean / std over seeds per (budget, setting), and the paired-by-seed gaps of :data:`GAPS`."""
+    """Mean / std over seeds per (budget, setting), and the paired-by-seed gaps of :data:`GAPS`; a bound's runs
+    (budget None) count under every budget."""
     results, gaps = {}, {}
     for budget in budgets:
         results[budget] = {}
+        ours = [r for r in records if r["budget"] in (budget, None)]
         for name in settings:
-            group = [r for r in records if r["budget"] == budget and r["setting"] == name]
+            group = [r for r in ours if r["setting"] == name]
             if not group:
                 continue
             entry = {"n": len(group), "seeds": [r["seed"] for r in group]}
@@ -509,8 +547,8 @@ def aggregate(records: Sequence[dict], *, settings: Sequence[str] = tuple(SETTIN
         gaps[budget] = {}
         for a, b in GAPS:
             by_seed = {}
-            for r in records:
-                if r["budget"] == budget and r["setting"] in (a, b) and r["avg_inc_top1"] is not None:
+            for r in ours:
+                if r["setting"] in (a, b) and r["avg_inc_top1"] is not None:
                     by_seed.setdefault(r["seed"], {})[r["setting"]] = r["avg_inc_top1"]
             diffs = [v[a] - v[b] for v in by_seed.values() if a in v and b in v]
             stats = _stats(diffs)
@@ -522,7 +560,7 @@ def aggregate(records: Sequence[dict], *, settings: Sequence[str] = tuple(SETTIN
 def _setup(preset: Preset, jobs: Sequence[Job], records: Sequence[dict]) -> dict:
     cfg = job_config(jobs[0]) if jobs else None
     budgets = {}
-    for budget in dict.fromkeys(j.budget for j in jobs):
+    for budget in dict.fromkeys(j.budget for j in jobs if j.budget):
         size = preset.memory_size(budget)
         image = cfg.image_size if cfg and cfg.image_size else 32
         budgets[budget] = {"memory_size": size, "per_class_after_last_phase": preset.budgets[budget],
@@ -530,7 +568,7 @@ def _setup(preset: Preset, jobs: Sequence[Job], records: Sequence[dict]) -> dict
     return {
         "preset": preset.name,
         "description": preset.description,
-        "base_config": BASE_CONFIG,
+        "base_config": preset.base_config,
         "dataset": cfg.dataset if cfg else None,
         "num_classes": preset.num_classes,
         "init_cls": cfg.init_cls if cfg else None,
@@ -551,7 +589,7 @@ def build_report(preset: Preset, jobs: Sequence[Job], *, command: str = "", stat
     """Everything of ``results/ablation*.json``: setup, per-setting statistics, gaps, runs, the original's figures."""
     records, missing = collect(jobs)
     settings = list(dict.fromkeys(j.setting for j in jobs))
-    budgets = list(dict.fromkeys(j.budget for j in jobs))
+    budgets = list(dict.fromkeys(j.budget for j in jobs if j.budget)) or list(BUDGETS[:1])
     report = {
         "command": command,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -609,7 +647,8 @@ def _gap_sentence(gaps: dict, a: str, b: str) -> str:
 def render_markdown(report: dict, *, png_name: Union[str, None] = None) -> str:
     """The results as a markdown page: setup, tables per budget, gaps, box IoU per phase, original figures."""
     setup, results, gaps = report["setup"], report["results"], report["gaps"]
-    lines = [f"# CIM ablation on synthetic data (preset `{setup['preset']}`)", ""]
+    data = "synthetic data" if setup["dataset"] == "synthetic" else f"real photos (`{setup['dataset']}`)"
+    lines = [f"# CIM ablation on {data} (preset `{setup['preset']}`)", ""]
     lines.append(f"Produced by `{report.get('command') or 'python -m training.experiments.ablation'}` on "
                  f"{report['created']}. {setup['description']}.")
     lines.append("")
@@ -627,25 +666,28 @@ def render_markdown(report: dict, *, png_name: Union[str, None] = None) -> str:
     lines.append("")
     lines.append("Accuracies are top-1 % on the test images of all seen classes, mean ± std over seeds; "
                  "exemplars per class, bytes held and box area after the last phase / averaged over phases; box IoU "
-                 "is against the generator's true object box (mean over the phases' new-class training images).")
+                 "is against the true object box (the generator's, or the dataset's annotation; mean over the "
+                 "phases' new-class training images), beside the IoU of the whole-image box (the trivial baseline). "
+                 "The bounds keep no memory and run once per seed; their rows repeat under each budget.")
     for budget, by_setting in results.items():
         info = setup["budgets"].get(budget, {})
         lines += ["", f"## Budget `{budget}`: memory_size {info.get('memory_size')} "
                       f"({info.get('per_class_after_last_phase')} images per class at the end)", ""]
         lines.append("| setting | avg incremental top-1 | last-phase top-1 | forgetting | exemplars / class | "
-                     "bytes held (KiB) | box area | box IoU | runs |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+                     "bytes held (KiB) | box area | box IoU | whole-image IoU | runs |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for name, entry in by_setting.items():
             lines.append(
                 f"| {SETTINGS[name].label} | {_pm(entry['avg_inc_top1'])} | {_pm(entry['last_top1'])} | "
                 f"{_pm(entry['forgetting'])} | {_pm(entry['exemplars_per_class'], 1)} | "
                 f"{_pm(entry['bytes_held'], 1, 1 / 1024)} | {_pm(entry['box_area_fraction'], 3)} | "
-                f"{_pm(entry['box_iou'], 3)} | {entry['n']} |")
+                f"{_pm(entry['box_iou'], 3)} | {_pm(entry.get('box_iou_whole_image'), 3)} | {entry['n']} |")
         lines += _empty_box_warnings(by_setting)
     lines += ["", "## Measured gaps (average incremental top-1, percentage points)", ""]
     for budget in results:
         lines.append(f"- **{budget}** budget:")
-        for a, b in (("cim", "none"), ("cim", "cam"), ("cim", "otsu"), ("cam", "none"), ("downsample", "none")):
+        for a, b in (("cim", "none"), ("cim", "cam"), ("cim", "otsu"), ("cam", "none"), ("downsample", "none"),
+                     ("joint", "none"), ("none", "finetune")):
             if f"{a}-{b}" in gaps.get(budget, {}):
                 lines.append(f"  - {_gap_sentence(gaps[budget], a, b)}")
     iou_rows = [(budget, name, entry["box_iou_per_phase"]) for budget, by_setting in results.items()
@@ -664,7 +706,7 @@ def render_markdown(report: dict, *, png_name: Union[str, None] = None) -> str:
             lines.append(f"| {budget} | {SETTINGS[name].label} | " + " | ".join(cells) + " |")
     lines += ["", "## Beside the original paper", ""]
     lines.append("Average incremental top-1 (%). The paper's rows are its published figures (ImageNet, ResNet-18, "
-                 "hundreds of epochs); ours are this run's, on small synthetic data: compare the *direction and size "
+                 f"hundreds of epochs); ours are this run's, on small {data}: compare the *direction and size "
                  "of the gaps*, not the absolute accuracies.")
     lines.append("")
     lines.append("| source | FOSTER / none | CAM fixed threshold | CIM | CIM − none |")
@@ -681,7 +723,7 @@ def render_markdown(report: dict, *, png_name: Union[str, None] = None) -> str:
     for budget, by_setting in results.items():
         get = lambda name: (by_setting.get(name) or {}).get("avg_inc_top1")  # noqa: E731
         gap = gaps.get(budget, {}).get("cim-none")
-        lines.append(f"| ours: synthetic, {budget} budget | {_pm(get('none'))} | {_pm(get('cam'))} | "
+        lines.append(f"| ours: {setup['dataset']}, {budget} budget | {_pm(get('none'))} | {_pm(get('cam'))} | "
                      f"{_pm(get('cim'))} | {_pm(gap, signed=True)} |")
     timing = [(budget, name, entry) for budget, by_setting in results.items() for name, entry in by_setting.items()
               if entry.get("cpu_seconds") or entry.get("wall_seconds")]
@@ -704,7 +746,8 @@ def render_markdown(report: dict, *, png_name: Union[str, None] = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- plot
-_COLOURS = {"none": "#7f7f7f", "downsample": "#bcbd22", "cam": "#1f77b4", "otsu": "#17becf", "cim": "#d62728"}
+_COLOURS = {"none": "#7f7f7f", "downsample": "#bcbd22", "cam": "#1f77b4", "otsu": "#17becf", "cim": "#d62728",
+            "joint": "#2ca02c", "finetune": "#000000"}
 
 
 def plot_results(report: dict, path: str) -> str:
@@ -836,13 +879,15 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--gpu", action="store_const", const="gpu", dest="preset",
                       help="larger images, more seeds and epochs, for one CUDA GPU")
     size.add_argument("--preset", choices=sorted(PRESETS), help="preset by name (default: default)")
+    parser.add_argument("--data-root", help="dataset root of presets on real photos (e.g. a Tiny ImageNet root)")
     parser.add_argument("--seeds", type=int, help="seeds per setting (default: the preset's)")
     parser.add_argument("--out", default="results", help="directory of ablation*.json/md/png (default: results)")
     parser.add_argument("--runs", help="directory of the run directories (default: runs/ablation/<preset>)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="device of the runs (default: the preset's)")
     parser.add_argument("--jobs", type=int, help="runs at once (default: the preset's, else the CPU cores)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: cores / jobs)")
-    parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTINGS)}")
+    parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTINGS)} (default: the "
+                        "preset's)")
     parser.add_argument("--budgets", help=f"comma-separated subset of {','.join(BUDGETS)}")
     parser.add_argument("--set", dest="extra", action="append", default=[], nargs="+", metavar="KEY=VALUE",
                         help="extra config override for every run (changes the runs: use a fresh --runs)")
@@ -876,9 +921,13 @@ def main(argv: Union[Sequence[str], None] = None) -> dict:
     if seeds < 1:
         raise SystemExit("error: --seeds must be >= 1")
     device = args.device or preset.device
-    settings = _choices(args.settings, tuple(SETTINGS), "settings")
+    settings = _choices(args.settings, tuple(SETTINGS), "settings") if args.settings else list(preset.settings)
     budgets = _choices(args.budgets, BUDGETS, "budgets")
     extra = [item for group in args.extra for item in group]
+    if args.data_root:
+        extra.insert(0, f"data_root={os.path.abspath(args.data_root)}")
+    elif preset.needs_data_root:
+        raise SystemExit(f"error: preset {preset.name!r} runs on {preset.base_config} data: give --data-root DIR")
     runs_dir = args.runs or os.path.join("runs", "ablation", preset.name)
     jobs = plan(preset, runs_dir=runs_dir, seeds=seeds, settings=settings, budgets=budgets, device=device,
                 extra=extra)
