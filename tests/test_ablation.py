@@ -84,6 +84,16 @@ def test_bounds_run_once_per_seed_and_count_under_every_budget(tmp_path):
     assert "real photos (`tinyimagenet`)" in page and "joint training (upper bound)" in page
 
 
+@pytest.mark.parametrize("name", ["default", "tinyimagenet"])
+def test_run_command_builds_the_jobs_config(name, tmp_path):
+    from training.run import _config_from_args, build_parser
+
+    job = ab.plan(ab.PRESETS[name], runs_dir=str(tmp_path), seeds=1, settings=["cim"], budgets=["small"])[0]
+    command = ab._command(job, "new")
+    assert command[1:3] == ["-m", "training.run"]
+    assert _config_from_args(build_parser().parse_args(command[3:])).to_dict() == ab.job_config(job).to_dict()
+
+
 def test_real_photo_preset_needs_a_data_root(tmp_path):
     with pytest.raises(SystemExit, match="--data-root"):
         ab.main(["--preset", "tinyimagenet", "--dry-run", "--runs", str(tmp_path)])

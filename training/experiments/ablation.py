@@ -306,7 +306,8 @@ def _command(job: Job, state: str) -> list[str]:
         device = next(o for o in job.overrides if o.startswith("device="))
         return [sys.executable, "-m", "training.run", "--out", job.run_dir, "--resume", "--set", device,
                 "progress=false"]
-    return [sys.executable, "-m", "training.run", "--out", job.run_dir, "--set", *job.overrides]
+    return [sys.executable, "-m", "training.run", "--config", job.base_config, "--out", job.run_dir, "--set",
+            *job.overrides]
 
 
 def _package_root() -> str:
