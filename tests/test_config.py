@@ -44,7 +44,7 @@ def test_imagenet_food_configs_match_the_original(name):
 
 def test_default_is_synthetic():
     cfg = load_config()
-    assert cfg.dataset == "synthetic" and cfg.backbone == "resnet32" and cfg.image_size == 32
+    assert cfg.dataset == "synthetic" and cfg.backbone == "resnet20" and cfg.image_size == 32
     assert cfg.compression == "cim"
 
 

@@ -24,7 +24,7 @@ def _is_png(path):
 def _fake_run(run_dir, *, compression="cam", data_seed=0, learnt=True):
     """A run directory shaped like training.run's: config.json and a checkpoint with memory, CAMs and network."""
     overrides = ["data_options.num_classes=4", "data_options.train_per_class=6", "data_options.test_per_class=2",
-                 f"compression={compression}", "init_cls=2", "increment=2"]
+                 f"compression={compression}", "init_cls=2", "increment=2", "backbone=resnet32"]
     cfg = load_config("synthetic", overrides)
     options = dict(cfg.data_options)
     source = load_source("synthetic", seed=0, **{k: v for k, v in options.items() if k != "seed"})
