@@ -12,7 +12,9 @@ import torch
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from training.config import Config, load_config
 from training.distributed import GlobalBatchSampler, ProcessRuntime, SeededDataset, launch_env, resolve_runtime
-from training.run import run
+from training.exemplar_store import ExemplarStore
+from training.memory import ExemplarMemory
+from training.run import MEMORY_DIR, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,7 +189,8 @@ def _assert_same_run(single_dir, multi_dir):
             assert a["extra"][key] == b["extra"][key], key
     s1 = load_checkpoint(os.path.join(single_dir, CHECKPOINT_NAME))["learner"]
     s2 = load_checkpoint(os.path.join(multi_dir, CHECKPOINT_NAME))["learner"]
-    assert _exemplars(s1["memory"]) == _exemplars(s2["memory"]), "the same exemplars, boxes, costs and pixels"
+    assert _exemplars(s1["memory"], single_dir) == _exemplars(s2["memory"], multi_dir), \
+        "the same exemplars, boxes, costs and pixels"
     net1, net2 = s1["network"]["state"], s2["network"]["state"]
     assert net1.keys() == net2.keys()
     for name in net1:
@@ -199,17 +202,16 @@ def _assert_same_run(single_dir, multi_dir):
             assert torch.allclose(a, b, rtol=0, atol=1e-4), f"{name}: {float((a - b).abs().max())}"
 
 
-def _exemplars(memory):
-    """{(label, index): (meta row, cost, stored pixels)} of a memory state: herding order aside (two exemplars whose
-    herding scores tie up to rounding may swap places), the content of the memory."""
-    out, kept_at, crop_at = {}, 0, 0
-    for row, meta in enumerate(memory["meta"].tolist()):
-        label, index, y0, y1, x0, x1 = meta[:6]
-        kept_n, crop_n = int(memory["kept_numel"][row]), memory["channels"] * (y1 - y0) * (x1 - x0)
-        pixels = (memory["kept"][kept_at:kept_at + kept_n].tolist(), memory["crops"][crop_at:crop_at + crop_n].tolist())
-        out[(label, index)] = (meta, float(memory["costs"][row]), pixels)
-        kept_at, crop_at = kept_at + kept_n, crop_at + crop_n
-    return out
+def _exemplars(state, run_dir):
+    """{(label, index): (meta row, cost, stored pixels)} of a memory state (its pixels read from the run's exemplar
+    store): herding order aside (two exemplars whose herding scores tie up to rounding may swap places), the content
+    of the memory."""
+    memory = ExemplarMemory(ratio=state["ratio"], mode=state["mode"],
+                            store=ExemplarStore(os.path.join(run_dir, MEMORY_DIR), writer=False))
+    memory.load_state_dict(state)
+    rows = iter(state["meta"].tolist())
+    return {(label, e.index): (next(rows), e.cost, e.small.tolist(), e.crop.tolist())
+            for label in memory.classes() for e in memory.exemplars(label)}
 
 
 def _check_no_dropped_batch(single_dir, batch_size, world=2):

@@ -55,6 +55,12 @@ def test_end_to_end_each_compression_mode(tmp_path, compression):
     assert "student_top1" in extra
     for name in ("summary.json", "metrics.jsonl", "accuracy.png", "config.json", "checkpoint.pt"):
         assert os.path.isfile(tmp_path / name), name
+    # the exemplars live encoded in memory/ (PNG): the checkpoint holds their references, no pixels
+    memory_state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["learner"]["memory"]
+    assert "kept" not in memory_state and memory_state["store"]["codec"] == "png"
+    assert sorted(os.listdir(tmp_path / "memory")) == sorted(memory_state["shards"])
+    assert 0 < extra["memory_encoded_bytes"] <= extra["memory_store_file_bytes"]
+    assert extra["memory_source_file_bytes"] is None  # synthetic images have no files
     with open(tmp_path / "metrics.jsonl") as handle:
         assert len(handle.readlines()) == 3
     stored = json.loads((tmp_path / "config.json").read_text())
@@ -104,6 +110,21 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert _numbers(on_disk) == _numbers(json.loads((tmp_path / "full" / "summary.json").read_text()))
 
 
+def test_cli_resume_reads_the_checkpoint_once_and_reports_its_size(tmp_path, monkeypatch):
+    import training.run as run_module
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        run(_tiny("compression=cam"), out_dir=str(out), stop_after_checkpoints=1)
+    reads = []
+    original = run_module.load_checkpoint
+    monkeypatch.setattr(run_module, "load_checkpoint", lambda path, **kw: reads.append(path) or original(path, **kw))
+    summary = main(["--out", str(out), "--resume", "--set", "progress=false"])
+    assert summary["finished"] and len(reads) == 1
+    assert summary["checkpoint"]["bytes"] == os.path.getsize(out / "checkpoint.pt")
+    assert summary["checkpoint"]["seconds"] > 0
+
+
 def test_cli_and_errors(tmp_path, capsys):
     out = str(tmp_path / "cli")
     args = ["--out", out] + [item for pair in (("--set", s) for s in TINY + ["compression=none"]) for item in pair]
@@ -149,6 +170,9 @@ def test_imagenet1000_path_with_a_corrupt_jpeg(tmp_path):
         summary = run(cfg, out_dir=str(tmp_path / "run"))
     assert summary["finished"] and summary["phases_done"] == 2
     assert summary["bad_images"]["train"] == 1
+    # honest bytes: the stored exemplars' own image files, beside their raw pixels and their encoded parts
+    extra = summary["final"]["extra"]
+    assert extra["memory_source_file_bytes"] > 0 and extra["memory_encoded_bytes"] > 0 and extra["memory_bytes"] > 0
 
 
 def test_unknown_override_is_a_config_error():

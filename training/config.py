@@ -65,6 +65,9 @@ class Config:
     memory_size: int = 2000
     memory_per_class: int = 20
     fixed_memory: bool = False
+    # the memory's pixels: encoded in shard files of the run directory (training.exemplar_store); png is lossless
+    memory_codec: Literal["png", "jpeg", "webp"] = "png"
+    memory_quality: int = 90  # jpeg / webp quality
     # model
     backbone: Literal["resnet18", "resnet32", "resnet20", "resnet14", "resnet8"] = "resnet18"
     fc_bias: bool = False  # the original's heads (SimpleLinear) have no bias
@@ -365,6 +368,7 @@ def _check_ranges(cfg: Config) -> None:
                 "randombbxblur_prob_incre", "wa_value"):
         need(getattr(cfg, key) >= 0, key, "a number >= 0")
     need(0 <= cfg.momentum < 1, "momentum", "a number in [0, 1)")
+    need(1 <= cfg.memory_quality <= 100, "memory_quality", "an integer in [1, 100]")
     need(cfg.max_phi_grad_norm > 0, "max_phi_grad_norm", "a number > 0")
     need(cfg.T > 0, "T", "a number > 0")
     for key in ("beta1", "beta2"):

@@ -40,6 +40,7 @@ from . import cim as cim_lib
 from .cim import upcast
 from .config import Config, Runtime
 from .data import build_transform, class_order, collate_skip_bad, phase_classes, PhaseDataset
+from .exemplar_store import ExemplarStore
 from .memory import ExemplarMemory, class_budget, compress_exemplars, exemplar_costs, herding_select
 from .models import FosterNet, split_parameters
 
@@ -216,10 +217,12 @@ class Foster:
         image_size: side of the training images after the transforms.
         on_epoch_end: called as ``on_epoch_end(info)`` after every epoch of every stage (checkpoints, logging);
             ``info`` has phase, stage, epoch, epochs, and the epoch's mean losses.
+        memory_dir: directory of the exemplar store (encoded exemplars on disk, ``cfg.memory_codec``); None keeps
+            the exemplars' pixels in RAM.
     """
 
     def __init__(self, *, cfg: Config, stream: ClassStream, runtime: Runtime, image_size: int,
-                 on_epoch_end: Union[Callable[[dict], None], None] = None):
+                 on_epoch_end: Union[Callable[[dict], None], None] = None, memory_dir: Union[str, None] = None):
         self.cfg = cfg
         self.stream = stream
         self.runtime = runtime
@@ -227,7 +230,9 @@ class Foster:
         self.on_epoch_end = on_epoch_end
         self.network: Union[FosterNet, None] = None
         self.student_net: Union[FosterNet, None] = None
-        self.memory = ExemplarMemory(ratio=cfg.compress_ratio, mode=memory_mode(cfg.compression))
+        store = None if memory_dir is None else ExemplarStore(memory_dir, codec=cfg.memory_codec,
+                                                              quality=cfg.memory_quality, writer=runtime.is_main)
+        self.memory = ExemplarMemory(ratio=cfg.compress_ratio, mode=memory_mode(cfg.compression), store=store)
         self.exemplar_cams: dict = {}  # class id -> {"indices", "cams"} of its exemplars at selection (visualize)
         self.generator = torch.Generator()
         self.generator.manual_seed(cfg.seed)

@@ -17,6 +17,10 @@ kept, and the real size can exceed ``compress_cost`` by a thin boundary term (ab
 charging the larger of the two keeps the real bytes of every class within its budget's byte equivalent. See
 docs/memory.md.
 
+With an :class:`~training.exemplar_store.ExemplarStore` (what training runs use) the memory keeps only an index in
+RAM: each class's parts are encoded (PNG, lossless, by default) into a shard file of the run directory and decoded
+on access; without one (``store=None``) the packed pixels stay in RAM.
+
 Modes: ``"none"`` stores the full image (ratio 1, empty box, cost 1); ``"downsample"`` the whole image downsampled
 (empty box, cost 1/ratio); ``"cam"`` a CAM box kept at full resolution (used by both the cam and cim learners).
 """
@@ -346,19 +350,30 @@ def compress_exemplars(images, boxes, ratio, mode, *, indices=None, label=-1):
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Stored:
-    """Packed exemplar: only the small pixels needed on rebuild (``kept``, C * kept values) and the crop."""
+    """Packed exemplar: only the small pixels needed on rebuild (``kept``, C * kept values) and the crop, in RAM;
+    or, in a store, the references of its two encoded parts (the small image with the unneeded pixels zeroed, and
+    the crop)."""
 
     index: int
     box: tuple
     size: tuple
     small_size: tuple
-    kept: torch.Tensor  # uint8 [C * kept pixels], channel-major
-    crop: torch.Tensor  # uint8 [C * box area]
     cost: float
+    kept_numel: int  # C * kept small pixels
+    crop_numel: int  # C * box area
+    kept: torch.Tensor = None  # in RAM: uint8 [kept_numel], channel-major
+    crop: torch.Tensor = None  # in RAM: uint8 [crop_numel]
+    refs: tuple = None  # in a store: (small PartRef, crop PartRef or None)
 
     @property
     def nbytes(self):
-        return self.kept.numel() * self.kept.element_size() + self.crop.numel() * self.crop.element_size()
+        """Raw pixel bytes the exemplar needs (kept small pixels + crop)."""
+        return self.kept_numel + self.crop_numel
+
+    @property
+    def encoded_bytes(self):
+        """Bytes of its encoded parts in the store (0 in RAM)."""
+        return sum(ref.length for ref in self.refs or () if ref is not None)
 
 
 class ExemplarMemory:
@@ -368,12 +383,14 @@ class ExemplarMemory:
         ratio (float): compression ratio (>= 1); exemplars in mode "none" use 1.
         mode (str): "none" | "downsample" | "cam".
         channels (int): image channels (3).
+        store (ExemplarStore, optional): where the pixels go (encoded, on disk); None keeps them in RAM.
     """
 
-    def __init__(self, *, ratio, mode, channels=3):
+    def __init__(self, *, ratio, mode, channels=3, store=None):
         self.mode = _check_mode(mode)
         self.ratio = _check_ratio(ratio)
         self.channels = int(channels)
+        self.store = store
         self._classes: dict[int, list[_Stored]] = {}
 
     @property
@@ -415,15 +432,28 @@ class ExemplarMemory:
                              f"compress_exemplars so that the bytes stay within the budget)")
         mask = _kept_mask(box, size, expected)
         kept = small.cpu()[:, mask].reshape(-1).clone()
-        return _Stored(index=int(exemplar.index), box=box, size=size, small_size=expected, kept=kept,
-                       crop=crop.cpu().reshape(-1).clone(), cost=cost)
+        return _Stored(index=int(exemplar.index), box=box, size=size, small_size=expected, cost=cost,
+                       kept_numel=kept.numel(), crop_numel=crop.numel(), kept=kept, crop=crop.cpu().reshape(-1).clone())
+
+    def _to_store(self, label, records):
+        """Move the pixels of a class's records into the store (one shard), leaving references."""
+        parts = []
+        for record in records:
+            y0, y1, x0, x1 = record.box
+            parts += [self._unpack_small(record), self._crop_of(record).view(self.channels, y1 - y0, x1 - x0)]
+        refs = self.store.write(f"class{label:05d}", parts)
+        for n, record in enumerate(records):
+            record.refs, record.kept, record.crop = (refs[2 * n], refs[2 * n + 1]), None, None
 
     def add_class(self, label, exemplars, *, replace=False):
         """Store the exemplars of a class in the given (herding) order. A stored label raises unless ``replace``."""
         label = int(label)
         if label in self._classes and not replace:
             raise ValueError(f"add_class: class {label} is already stored (pass replace=True to overwrite it)")
-        self._classes[label] = [self._pack(exemplar) for exemplar in exemplars]
+        records = [self._pack(exemplar) for exemplar in exemplars]
+        if self.store is not None and records:
+            self._to_store(label, records)
+        self._classes[label] = records
 
     def trim(self, label, budget):
         """Keep the longest prefix of the class's stored order whose summed cost fits ``budget``; returns the number
@@ -457,15 +487,28 @@ class ExemplarMemory:
                 yield label, record
 
     def _unpack_small(self, record):
-        small = torch.zeros(self.channels, *record.small_size, dtype=torch.uint8)
         mask = _kept_mask(record.box, record.size, record.small_size)
-        small[:, mask] = record.kept.view(self.channels, -1)
+        if record.refs is None:
+            small = torch.zeros(self.channels, *record.small_size, dtype=torch.uint8)
+            small[:, mask] = record.kept.view(self.channels, -1)
+            return small
+        small = self.store.read(record.refs[0])
+        if not self.store.lossless:  # a lossy codec may leave non-zero values in the unstored pixels
+            small = small.masked_fill(~mask, 0)
         return small
+
+    def _crop_of(self, record):
+        """The record's crop, uint8 [C * box area]."""
+        if record.refs is None:
+            return record.crop
+        if record.refs[1] is None:
+            return torch.zeros(0, dtype=torch.uint8)
+        return self.store.read(record.refs[1]).reshape(-1)
 
     def exemplars(self, label):
         """The class's exemplars as :class:`Exemplar` (unstored small pixels read as 0), in stored order."""
         return [Exemplar(index=r.index, label=int(label), small=self._unpack_small(r),
-                         crop=r.crop.view(self.channels, r.box[1] - r.box[0], r.box[3] - r.box[2]).clone(),
+                         crop=self._crop_of(r).view(self.channels, r.box[1] - r.box[0], r.box[3] - r.box[2]).clone(),
                          box=r.box, size=r.size, cost=r.cost) for _, r in self._records([label])]
 
     def counts(self):
@@ -494,8 +537,12 @@ class ExemplarMemory:
         return float(cim_ext.compress_cost(boxes, sizes, self.effective_ratio).sum())
 
     def bytes_held(self, label=None):
-        """Real pixel bytes stored (kept small pixels + crops), one class or all."""
+        """Raw pixel bytes of the exemplars (kept small pixels + crops), one class or all."""
         return int(sum(record.nbytes for _, record in self._records(None if label is None else [label])))
+
+    def encoded_bytes(self, label=None):
+        """Bytes of the exemplars' encoded parts in the store (0 without a store), one class or all."""
+        return int(sum(record.encoded_bytes for _, record in self._records(None if label is None else [label])))
 
     def cost_bytes(self, label=None):
         """Byte equivalent of the charged costs: sum of cost * C * H * W over exemplars (>= :meth:`bytes_held`)."""
@@ -530,7 +577,7 @@ class ExemplarMemory:
         for (size, _), members in groups.items():
             small = torch.stack([self._unpack_small(records[n]) for n in members])
             boxes = torch.tensor([records[n].box for n in members], dtype=torch.int64).reshape(-1, 4)
-            crops = torch.cat([records[n].crop for n in members]) if members else small.new_empty(0)
+            crops = torch.cat([self._crop_of(records[n]) for n in members]) if members else small.new_empty(0)
             if device is not None:
                 small, crops, boxes = small.to(device), crops.to(device), boxes.to(device)
             images = cim_ext.uncompress(small, crops, boxes, size)
@@ -551,40 +598,71 @@ class ExemplarMemory:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self):
-        """Tensors (and two plain values) describing the whole memory; see :meth:`load_state_dict`."""
+        """Tensors (and plain values) describing the whole memory; see :meth:`load_state_dict`. With a store it holds
+        the part references (``shards``, ``refs``), no pixels; without one the packed pixels (``kept``, ``crops``)."""
         records = list(self._records())
         meta = torch.tensor([[label, r.index, *r.box, *r.size, *r.small_size] for label, r in records],
                             dtype=torch.int64).reshape(-1, 10)
-        return {
+        state = {
             "mode": self.mode,
             "ratio": self.ratio,
             "channels": self.channels,
             "labels": torch.tensor(self.classes(), dtype=torch.int64),
             "meta": meta,  # label, index, y0, y1, x0, x1, H, W, h, w
             "costs": torch.tensor([r.cost for _, r in records], dtype=torch.float64),
-            "kept_numel": torch.tensor([r.kept.numel() for _, r in records], dtype=torch.int64),
-            "kept": torch.cat([r.kept for _, r in records]) if records else torch.zeros(0, dtype=torch.uint8),
-            "crops": torch.cat([r.crop for _, r in records]) if records else torch.zeros(0, dtype=torch.uint8),
+            "kept_numel": torch.tensor([r.kept_numel for _, r in records], dtype=torch.int64),
         }
+        if self.store is None:
+            empty = torch.zeros(0, dtype=torch.uint8)
+            state["kept"] = torch.cat([r.kept for _, r in records]) if records else empty
+            state["crops"] = torch.cat([r.crop for _, r in records]) if records else empty
+            return state
+        shards = list(dict.fromkeys(ref.shard for _, r in records for ref in r.refs if ref is not None))
+        number = {name: n for n, name in enumerate(shards)}
+        rows = [[field for ref in r.refs for field in ((number[ref.shard], ref.offset, ref.length) if ref else
+                                                       (-1, 0, 0))] for _, r in records]
+        state.update(store={"codec": self.store.codec, "quality": self.store.quality}, shards=shards,
+                     refs=torch.tensor(rows, dtype=torch.int64).reshape(-1, 6))  # small (shard, offset, length), crop
+        return state
 
     def load_state_dict(self, state):
+        """Restore :meth:`state_dict`. A state with pixels loaded into a memory with a store moves them there; a
+        state with references needs a store with the same codec."""
         if state["mode"] != self.mode or float(state["ratio"]) != self.ratio or int(state["channels"]) != self.channels:
             raise ValueError(f"load_state_dict: checkpoint memory is mode={state['mode']!r} ratio={state['ratio']} "
                              f"channels={state['channels']}, this one mode={self.mode!r} ratio={self.ratio} "
                              f"channels={self.channels}")
+        stored = state.get("store")
+        if stored is not None and (self.store is None or (stored["codec"], stored["quality"]) !=
+                                   (self.store.codec, self.store.quality)):
+            have = "no store" if self.store is None else f"codec {self.store.codec!r} quality {self.store.quality}"
+            raise ValueError(f"load_state_dict: the checkpoint's exemplars are in a store (codec {stored['codec']!r} "
+                             f"quality {stored['quality']}), this memory has {have}")
+        from .exemplar_store import PartRef
+
         classes = {int(label): [] for label in state["labels"].tolist()}
         kept_offset = crop_offset = 0
         for row, (label, index, y0, y1, x0, x1, height, width, small_h, small_w) in enumerate(state["meta"].tolist()):
             kept_numel = int(state["kept_numel"][row])
             crop_numel = self.channels * (y1 - y0) * (x1 - x0)
-            classes[label].append(_Stored(
-                index=index, box=(y0, y1, x0, x1), size=(height, width), small_size=(small_h, small_w),
-                kept=state["kept"][kept_offset:kept_offset + kept_numel].clone(),
-                crop=state["crops"][crop_offset:crop_offset + crop_numel].clone(), cost=float(state["costs"][row])))
+            record = _Stored(index=index, box=(y0, y1, x0, x1), size=(height, width), small_size=(small_h, small_w),
+                             cost=float(state["costs"][row]), kept_numel=kept_numel, crop_numel=crop_numel)
+            if stored is None:
+                record.kept = state["kept"][kept_offset:kept_offset + kept_numel].clone()
+                record.crop = state["crops"][crop_offset:crop_offset + crop_numel].clone()
+            else:
+                values = state["refs"][row].tolist()
+                record.refs = tuple(None if values[k] < 0 else PartRef(state["shards"][values[k]], *values[k + 1:k + 3])
+                                    for k in (0, 3))
+            classes[label].append(record)
             kept_offset += kept_numel
             crop_offset += crop_numel
-        if kept_offset != state["kept"].numel() or crop_offset != state["crops"].numel():
+        if stored is None and (kept_offset != state["kept"].numel() or crop_offset != state["crops"].numel()):
             raise ValueError("load_state_dict: pixel payload does not match the exemplar table")
+        if stored is None and self.store is not None:
+            for label, records in classes.items():
+                if records:
+                    self._to_store(label, records)
         self._classes = classes
 
 

@@ -6,7 +6,8 @@
 With no arguments it runs the bundled ``synthetic`` config (a few minutes on a 2-core CPU). ``--dataset NAME``
 alone picks the bundled config of that name. The run directory (``--out``, default
 ``runs/<dataset>-<compression>-seed<seed>``) receives ``config.json`` (the resolved config, the seed used, the
-device), ``metrics.jsonl``, ``summary.json``, ``accuracy.png``, ``tensorboard/`` and ``checkpoint.pt``;
+device), ``metrics.jsonl``, ``summary.json``, ``accuracy.png``, ``tensorboard/``, ``checkpoint.pt`` and ``memory/`` (the
+exemplars, encoded, which the checkpoint references);
 ``--resume`` continues a killed run from its last checkpoint with the config stored there.
 
 For tests: ``CIM_TRAINING_STOP_AFTER_CHECKPOINTS=N`` (or ``run(..., stop_after_checkpoints=N)``) stops the process
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from typing import Sequence, Union
@@ -32,6 +34,8 @@ from .foster import ClassStream, Foster
 from .metrics import MetricsHistory, RunLoggers, evaluate
 
 __all__ = ["main", "run", "build_parser", "Interrupted", "seed_everything", "default_out_dir"]
+
+MEMORY_DIR = "memory"  # the exemplar store's shards, inside the run directory
 
 STOP_ENV = "CIM_TRAINING_STOP_AFTER_CHECKPOINTS"
 #: Keys that may change when resuming (they do not affect the result on one device).
@@ -115,12 +119,13 @@ def main(argv: Union[Sequence[str], None] = None) -> dict:
                 raise ConfigError(f"--resume: no checkpoint at {path}")
             if args.config or args.dataset:
                 raise ConfigError("--resume continues with the config stored in the run; drop --config/--dataset")
-            cfg = _resume_config(load_checkpoint(path)["config"], args)
+            checkpoint = load_checkpoint(path)
+            cfg = _resume_config(checkpoint["config"], args)
         else:
-            cfg = _config_from_args(args)
+            checkpoint, cfg = None, _config_from_args(args)
         stop = os.environ.get(STOP_ENV)
         return run(cfg, out_dir=args.out or default_out_dir(cfg), resume=args.resume, overwrite=args.overwrite,
-                   stop_after_checkpoints=int(stop) if stop else None)
+                   stop_after_checkpoints=int(stop) if stop else None, checkpoint=checkpoint)
     except (ConfigError, ValueError, TypeError, FileNotFoundError) as error:
         # configuration, data root and option errors: one clear line, no traceback
         if not isinstance(error, (ConfigError, FileNotFoundError)) and not _is_user_error(error):
@@ -140,15 +145,17 @@ def _is_user_error(error: Exception) -> bool:
 
 
 def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = False,
-        stop_after_checkpoints: Union[int, None] = None) -> dict:
-    """Run (or resume) the whole class-incremental schedule of ``cfg`` in ``out_dir``; returns the summary."""
+        stop_after_checkpoints: Union[int, None] = None, checkpoint: Union[dict, None] = None) -> dict:
+    """Run (or resume) the whole class-incremental schedule of ``cfg`` in ``out_dir``; returns the summary.
+    ``checkpoint``: the run's checkpoint when the caller has already read it (resume), so that it is read once."""
     from .data import load_source
 
     cfg.validate()
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
     state = None
     if resume:
-        state = load_checkpoint(checkpoint_path)
+        state = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
+        checkpoint = None
     elif os.path.exists(checkpoint_path) or os.path.exists(os.path.join(out_dir, "summary.json")):
         if not overwrite:
             raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to start "
@@ -156,6 +163,8 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
         for name in (CHECKPOINT_NAME, "summary.json", "metrics.jsonl"):
             if _is_main_process() and os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
+        if _is_main_process():
+            shutil.rmtree(os.path.join(out_dir, MEMORY_DIR), ignore_errors=True)
 
     runtime = resolve_runtime(cfg)
     seed_everything(cfg.seed)
@@ -173,12 +182,14 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
     stream = ClassStream(source, init_cls=cfg.init_cls, increment=cfg.increment, order_seed=cfg.class_order_seed)
 
     history = MetricsHistory()
-    counters = {"checkpoints": 0, "epochs_logged": 0, "elapsed": 0.0}
+    counters = {"checkpoints": 0, "epochs_logged": 0, "elapsed": 0.0, "checkpoint_bytes": None,
+                "checkpoint_seconds": None}
     loggers = RunLoggers(out_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard, console=True)
     started = time.perf_counter()
 
     def save(learner):
         if runtime.is_main:
+            begin = time.perf_counter()
             save_checkpoint(checkpoint_path, {
                 "version": 1,
                 "config": cfg.to_dict(),
@@ -187,6 +198,8 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
                 "counters": {**counters, "elapsed": counters["elapsed"] + time.perf_counter() - started},
                 "rng": rng_state(),
             })
+            counters["checkpoint_seconds"] = time.perf_counter() - begin
+            counters["checkpoint_bytes"] = os.path.getsize(checkpoint_path)
         counters["checkpoints"] += 1
         if stop_after_checkpoints is not None and counters["checkpoints"] >= stop_after_checkpoints:
             raise Interrupted(f"stopped after {counters['checkpoints']} checkpoint(s) (test hook)")
@@ -198,12 +211,14 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
         if cfg.checkpoint_every and (info["epoch"] + 1) % cfg.checkpoint_every == 0:
             save(learner)
 
-    learner = Foster(cfg=cfg, stream=stream, runtime=runtime, image_size=image_size, on_epoch_end=on_epoch_end)
+    learner = Foster(cfg=cfg, stream=stream, runtime=runtime, image_size=image_size, on_epoch_end=on_epoch_end,
+                     memory_dir=os.path.join(out_dir, MEMORY_DIR))
     if state is not None:
         learner.load_state_dict(state["learner"])
         history.load_state_dict(state["history"])
         counters.update({k: state["counters"][k] for k in ("epochs_logged", "elapsed")})
         set_rng_state(state["rng"])
+        state = None  # the loaded checkpoint is not kept for the rest of the run
 
     run_info = {
         "config": cfg.to_dict(),
@@ -254,7 +269,10 @@ def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
         "exemplars": len(memory),
         "exemplars_per_class": (len(memory) / len(counts)) if counts else 0.0,
         "memory_cost": memory.total_cost(),
-        "memory_bytes": memory.bytes_held(),
+        "memory_bytes": memory.bytes_held(),  # raw pixels
+        "memory_encoded_bytes": memory.encoded_bytes(),  # the same exemplars as the store holds them
+        "memory_store_file_bytes": memory.store.file_bytes() if memory.store else None,  # shards, trimmed included
+        "memory_source_file_bytes": _source_file_bytes(source.train, memory.indices()),  # what paths point to
         "box_area_fraction": learner.phase_log.get("boxes_area"),
         "box_iou": learner.phase_log.get("box_iou"),  # CAM boxes vs true object boxes (where the source has them)
         "box_iou_whole_image": learner.phase_log.get("box_iou_whole_image"),  # the whole-image box vs the same
@@ -267,6 +285,14 @@ def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
     return extra
 
 
+def _source_file_bytes(imageset, indices) -> Union[int, None]:
+    """Bytes of the image files of the given training images (what the original's memory of paths points to);
+    None for in-memory sources."""
+    if not hasattr(imageset, "path"):
+        return None
+    return sum(os.path.getsize(imageset.path(i)) for i in indices)
+
+
 def _summary_extra(run_info: dict, counters: dict, started: float, source) -> dict:
     return {
         "run": {k: v for k, v in run_info.items() if k != "config"},
@@ -274,6 +300,7 @@ def _summary_extra(run_info: dict, counters: dict, started: float, source) -> di
         "bad_images": {"train": int(getattr(source.train, "bad_count", 0)),
                        "test": int(getattr(source.test, "bad_count", 0))},
         "wall_seconds": counters["elapsed"] + time.perf_counter() - started,
+        "checkpoint": {"bytes": counters["checkpoint_bytes"], "seconds": counters["checkpoint_seconds"]},
     }
 
 

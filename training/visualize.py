@@ -42,7 +42,9 @@ class RunView:
         from .checkpoint import CHECKPOINT_NAME, load_checkpoint
         from .config import Config
         from .foster import memory_mode
+        from .exemplar_store import ExemplarStore
         from .memory import ExemplarMemory
+        from .run import MEMORY_DIR
 
         self.run_dir = run_dir
         path = os.path.join(run_dir, CHECKPOINT_NAME)
@@ -52,7 +54,11 @@ class RunView:
         self.state = load_checkpoint(path)
         self.cfg = Config.from_dict(self.state["config"])
         learner = self.state["learner"]
-        self.memory = ExemplarMemory(ratio=self.cfg.compress_ratio, mode=memory_mode(self.cfg.compression))
+        stored = learner["memory"].get("store")
+        store = None if stored is None else ExemplarStore(os.path.join(run_dir, MEMORY_DIR), codec=stored["codec"],
+                                                          quality=stored["quality"], writer=False)
+        self.memory = ExemplarMemory(ratio=self.cfg.compress_ratio, mode=memory_mode(self.cfg.compression),
+                                     store=store)
         self.memory.load_state_dict(learner["memory"])
         self.exemplar_cams = learner.get("exemplar_cams") or {}
         self.network_state = (learner.get("network") or {}).get("state") or {}
