@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: which the slow test of the full method (``compression=cim``) allows for.
 TINY = [
     'data_options={"num_classes": 4, "image_size": 32, "train_per_class": 12, "test_per_class": 4}',
-    "image_size=32", "backbone=resnet32", "init_cls=2", "increment=2", "init_epochs=2", "incre_epochs=2", "compression_epochs=1",
+    "image_size=32", "backbone=resnet32", "init_cls=2", "increment=2", "init_epochs=2", "incre_epochs=2",
+    "compression_epochs=1",
     "batch_size=6", "meta_batch_size=4", "cam_batch_size=8", "memory_size=8", "memory_per_class=2",
     "compression=downsample", "cam_update_interval=1", "num_meta_iters_per_cls=1", "device=cpu", "progress=false",
     "tensorboard=false", "checkpoint_every=1", "workers=0",

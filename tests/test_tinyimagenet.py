@@ -119,7 +119,8 @@ def test_run_reports_box_iou_against_the_whole_image(tmp_path):
 
 
 def test_imagefolder_as_documented(tmp_path):
-    """``--dataset imagefolder --data-root DIR`` starts from the synthetic config without its data options."""
+    """``--dataset imagefolder --data-root DIR`` starts from the real-photo (tinyimagenet) config, without data
+    options."""
     for split, count in (("train", 4), ("val", 2)):
         for c in range(3):
             for k in range(count):
@@ -127,7 +128,9 @@ def test_imagefolder_as_documented(tmp_path):
     summary = main(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out",
                     str(tmp_path / "run"), "--set", *TINY_RUN])
     assert summary["finished"] and summary["phases_done"] == 2
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["data_options"] == {}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["data_options"] == {} and config["dataset"] == "imagefolder"
+    assert (config["beta1"], config["class_weight_counts"], config["fc_bias"]) == (0.97, "nominal", False)
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="the shared Tiny ImageNet subset is not here")

@@ -78,11 +78,15 @@ def _flatten(overrides) -> list:
     return [item for group in overrides for item in (group if isinstance(group, list) else [group])]
 
 
+#: The bundled config a dataset without one of its own starts from: user photo folders take the real-photo config.
+BASE_CONFIG_OF = {"imagefolder": "tinyimagenet"}
+
+
 def _config_from_args(args) -> Config:
-    """``--config`` (default: the bundled config named like ``--dataset``, else ``synthetic``), switched to
-    ``--dataset``, then the ``--set`` overrides. A switched dataset starts with no ``data_options``: those of the
-    base config belong to its own source."""
-    bundled = args.dataset if args.dataset in config_names() else None
+    """``--config`` (default: the bundled config named like ``--dataset``, else its :data:`BASE_CONFIG_OF`, else
+    ``synthetic``), switched to ``--dataset``, then the ``--set`` overrides. A switched dataset starts with no
+    ``data_options``: those of the base config belong to its own source."""
+    bundled = args.dataset if args.dataset in config_names() else BASE_CONFIG_OF.get(args.dataset)
     cfg = load_config(args.config or bundled or "synthetic")
     if args.dataset and args.dataset != cfg.dataset:
         _assign(cfg, "dataset", args.dataset, source="--dataset")
