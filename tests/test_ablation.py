@@ -112,6 +112,11 @@ def test_job_state_resume_and_config_guard(tmp_path):
     _write(os.path.join(job.run_dir, "summary.json"), _fake_summary(job, 50.0, boxes=False, config=changed))
     with pytest.raises(ValueError, match="init_epochs"):
         ab.job_state(job)
+    # a run from before a key existed counts as made with its default
+    older = ab.job_config(job).to_dict()
+    del older["memory_codec"]
+    _write(os.path.join(job.run_dir, "summary.json"), _fake_summary(job, 50.0, boxes=False, config=older))
+    assert ab.job_state(job) == "done"
     # keys that may change on resume (device, progress, ...) do not count
     moved = ab.job_config(job).to_dict()
     moved["device"] = "cuda"

@@ -268,6 +268,16 @@ def _read_json(path: str):
         return None
 
 
+def _with_defaults(config: dict) -> dict:
+    """A stored config with the keys added since it was written at their defaults (which keep the old behaviour)."""
+    from ..config import Config, ConfigError
+
+    try:
+        return Config.from_dict(config).to_dict() if config else config
+    except ConfigError:
+        return config  # compared as stored: the differing keys are then named
+
+
 def _comparable(config: dict) -> dict:
     from ..run import RESUMABLE_KEYS
 
@@ -282,7 +292,7 @@ def job_state(job: Job) -> str:
     summary = _read_json(os.path.join(job.run_dir, "summary.json"))
     if summary and summary.get("finished"):
         expected = _comparable(job_config(job).to_dict())
-        stored = _comparable(summary.get("config") or {})
+        stored = _comparable(_with_defaults(summary.get("config") or {}))
         changed = sorted(k for k in set(expected) | set(stored) if expected.get(k) != stored.get(k))
         if changed:
             raise ValueError(f"{job.run_dir} holds a finished run with another config ({', '.join(changed)}); "
