@@ -365,11 +365,12 @@ class Foster:
         if not len(self.memory):
             return None
         if self._memory_view is None:
-            # Rebuild all exemplars once when they fit comfortably in RAM (bound: every exemplar uncompressed).
+            # Rebuild all exemplars once (batched) when they fit in 1 GiB (bound: every exemplar uncompressed);
+            # otherwise each item is read from the store and rebuilt on access, on the GPU with decode_on_device.
             full_bytes = self.memory.cost_bytes() * max(1.0, self.cfg.compress_ratio)
-            device = self.runtime.device if self.runtime.decode_on_device else None  # rebuilt on the GPU, batched
-            self._memory_view = self.memory.dataset(None, self.stream.label_map,
-                                                    cache=device is not None or full_bytes <= 2**30, device=device)
+            device = self.runtime.device if self.runtime.decode_on_device else None
+            self._memory_view = self.memory.dataset(None, self.stream.label_map, cache=full_bytes <= 2**30,
+                                                    device=device)
         return _Transformed(self._memory_view, transform)
 
     def _new_class_dataset(self, phase: Phase, transform, *, prob: float, boxes=None):
