@@ -116,7 +116,7 @@ class ExemplarStore:
         return os.path.join(self.directory, shard)
 
     def read(self, ref: PartRef) -> torch.Tensor:
-        """The decoded uint8 [C, h, w] part of ``ref`` (from the cache when it is there)."""
+        """The decoded uint8 [C, h, w] part of ``ref`` (from the cache when it is there: do not modify it)."""
         part = self._cache.get(ref)
         if part is not None:
             self._cache.move_to_end(ref)

@@ -507,7 +507,7 @@ class ExemplarMemory:
 
     def exemplars(self, label):
         """The class's exemplars as :class:`Exemplar` (unstored small pixels read as 0), in stored order."""
-        return [Exemplar(index=r.index, label=int(label), small=self._unpack_small(r),
+        return [Exemplar(index=r.index, label=int(label), small=self._unpack_small(r).clone(),
                          crop=self._crop_of(r).view(self.channels, r.box[1] - r.box[0], r.box[3] - r.box[2]).clone(),
                          box=r.box, size=r.size, cost=r.cost) for _, r in self._records([label])]
 
