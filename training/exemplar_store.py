@@ -64,7 +64,7 @@ class ExemplarStore:
     """
 
     def __init__(self, directory: str, *, codec: str = "png", quality: int = 90, writer: bool = True,
-                 cache_bytes: int = 64 * 2**20):
+                 cache_bytes: int = 16 * 2**20):
         if codec not in CODECS:
             raise ValueError(f"codec: expected one of {', '.join(CODECS)}, got {codec!r}")
         if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
