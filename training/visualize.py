@@ -253,8 +253,8 @@ def plot_exemplars(view: RunView, rows: Sequence[dict], path: str) -> str:
         ]
         ax.text(0.0, 0.5, "\n".join(line for line in lines if line), va="center", fontsize=8,
                 color="black" if row["check"] == "ok" else "red", family="monospace")
-    figure.text(0.01, 0.005, "red: stored box; dashed green: true object box (synthetic); white: CAM threshold "
-                "contour", fontsize=8)
+    figure.text(0.01, 0.005, "red: stored box; dashed green: true object box (best match, where the source has "
+                "boxes); white: CAM threshold contour", fontsize=8)
     height = figure.get_figheight()
     figure.subplots_adjust(left=0.02, right=0.99, bottom=0.35 / height, top=1 - 0.75 / height, wspace=0.08,
                            hspace=0.3)

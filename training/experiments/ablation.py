@@ -479,6 +479,7 @@ def collect(jobs: Sequence[Job]) -> tuple[list[dict], list[str]]:
             "box_iou_per_phase": [e.get("box_iou") for e in extras] if boxes else None,
             "box_iou": _mean_or_none([e.get("box_iou") for e in extras]) if boxes else None,
             "box_iou_whole_image": _mean_or_none([e.get("box_iou_whole_image") for e in extras]) if boxes else None,
+            "box_iou_whole_image_per_phase": [e.get("box_iou_whole_image") for e in extras] if boxes else None,
             "box_iou_over_training": _iou_over_training(summary, extras) if boxes else None,
             "image_size": run.get("image_size"),
             "num_phases": run.get("num_phases", len(phases)),
@@ -533,7 +534,8 @@ def _per_phase_stats(lists) -> Union[dict, None]:
 
 SCALARS = ("avg_inc_top1", "last_top1", "forgetting", "exemplars_per_class", "exemplars", "memory_cost",
            "bytes_held", "box_area_fraction", "box_iou", "box_iou_whole_image", "wall_seconds", "cpu_seconds")
-PER_PHASE = ("top1_per_phase", "box_iou_per_phase", "box_area_per_phase", "exemplars_per_class_per_phase")
+PER_PHASE = ("top1_per_phase", "box_iou_per_phase", "box_area_per_phase", "exemplars_per_class_per_phase",
+             "box_iou_whole_image_per_phase")
 
 
 def aggregate(records: Sequence[dict], *, settings: Sequence[str] = tuple(SETTINGS),
@@ -573,9 +575,11 @@ def _setup(preset: Preset, jobs: Sequence[Job], records: Sequence[dict]) -> dict
     budgets = {}
     for budget in dict.fromkeys(j.budget for j in jobs if j.budget):
         size = preset.memory_size(budget)
+        # the memory stores source images at their own size: the uncompressed setting's bytes are the budget's
+        held = [r["bytes_held"] for r in records if r["budget"] == budget and r["setting"] == "none"]
         image = cfg.image_size if cfg and cfg.image_size else 32
         budgets[budget] = {"memory_size": size, "per_class_after_last_phase": preset.budgets[budget],
-                           "budget_bytes": size * 3 * image * image}
+                           "budget_bytes": held[0] if held else size * 3 * image * image}
     return {
         "preset": preset.name,
         "description": preset.description,
@@ -790,7 +794,8 @@ def plot_results(report: dict, path: str) -> str:
     bars.set_ylabel("avg incremental top-1 (%)")
     bars.set_title("equal memory: average incremental accuracy (mean ± std)")
     bars.grid(axis="y", alpha=0.3)
-    bars.legend(fontsize=8, loc="lower right")
+    bars.set_ylim(0, bars.get_ylim()[1] * (1.45 if len(settings) > 5 else 1.0))
+    bars.legend(fontsize=7, loc="upper left", ncol=2)
     iou = figure.add_subplot(grid[0, 1])
     styles = {budget: style for budget, style in zip(budgets, ("-", "--", ":", "-."))}
     plotted = False
@@ -804,6 +809,13 @@ def plot_results(report: dict, path: str) -> str:
                          linestyle=styles[budget], marker="o", color=_COLOURS.get(name),
                          label=f"{SETTINGS[name].label}, {budget}")
             plotted = True
+    whole = next((entry["box_iou_whole_image_per_phase"] for budget in budgets for entry in results[budget].values()
+                  if (entry.get("box_iou_whole_image_per_phase") or {}).get("mean")), None)
+    if whole and any(v is not None for v in whole["mean"]):
+        xs = [p for p, v in enumerate(whole["mean"]) if v is not None]
+        iou.plot(xs, [whole["mean"][p] for p in xs], color="black", linestyle=":", marker="x",
+                 label="whole-image box (trivial baseline)")
+        plotted = True
     for budget in budgets:
         entry = results[budget].get("cim") or {}
         over = entry.get("box_iou_over_training")
