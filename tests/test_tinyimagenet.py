@@ -15,7 +15,8 @@ from training.run import main
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                       "tiny-imagenet-sub50")
 TINY_RUN = [
-    "data_options={}", "image_size=16", "backbone=resnet8", "init_cls=2", "increment=1", "memory_size=6", "init_epochs=1",
+    "data_options={}", "image_size=16", "backbone=resnet8", "init_cls=2", "increment=1", "memory_size=6",
+    "init_epochs=1",
     "incre_epochs=1", "compression_epochs=1", "batch_size=4", "meta_batch_size=2", "cam_batch_size=4",
     "num_meta_iters_per_cls=1", "cam_update_interval=1", "workers=0", "progress=false", "tensorboard=false",
     "device=cpu",
