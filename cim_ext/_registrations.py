@@ -270,6 +270,12 @@ _BACKWARD_AUTOGRAD = {
     "rational": _rational_backward_backward,
 }
 
+# Under autocast, cam, cam_to_boxes and soft_compress compute in float32 (as torchvision's roi_align): their
+# half-precision inputs (bf16 feature maps beside an fp32 classifier weight) are cast up, float64 is left alone.
+for _name in ("cam", "cam_to_boxes", "soft_compress"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_lib + _name, _device, torch.float32)
+
 for _name, _backward in (("cam", _cam_backward), ("soft_compress", _soft_compress_backward), ("rational", _rational_backward)):
     torch.library.register_autograd(_lib + _name, _backward, setup_context=_save_inputs)
     torch.library.register_autograd(_lib + "_" + _name + "_backward", _BACKWARD_AUTOGRAD[_name], setup_context=_save_inputs)

@@ -37,10 +37,14 @@ def _fail(name, expected, got):
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
-def _check_float(name, tensor, ndim=None):
+def _check_float(name, tensor, ndim=None, *, autocast=False):
+    """A float tensor of a dtype the kernels take; with ``autocast`` (ops with an autocast kernel) also half
+    precision while autocast is on for its device, since the op then runs in float32."""
     if not isinstance(tensor, torch.Tensor):
         _fail(name, "a torch.Tensor", type(tensor).__name__)
     allowed = _CUDA_FLOATS if tensor.is_cuda else _CPU_FLOATS
+    if autocast and torch.is_autocast_enabled(tensor.device.type):
+        allowed = tuple(dict.fromkeys(allowed + (torch.float16, torch.bfloat16)))
     if tensor.dtype not in allowed:
         _fail(name, f"dtype in {[str(d) for d in allowed]} on {tensor.device.type}", tensor.dtype)
     if ndim is not None and tensor.dim() != ndim:
@@ -78,12 +82,19 @@ def _check_labels(labels, batch, classes, device):
     return labels.to(torch.int64)
 
 
+def _autocast_float32(*tensors):
+    """Whether autocast is on for the tensors' device with none of them float64: the ops' autocast kernels then run
+    them in float32 (like torchvision's roi_align), so mixed floating dtypes are fine."""
+    return (torch.is_autocast_enabled(tensors[0].device.type)
+            and all(t.dtype != torch.float64 for t in tensors))
+
+
 def _check_cam_inputs(fmaps, weight, labels):
-    _check_float("fmaps", fmaps, 4)
-    _check_float("weight", weight, 2)
+    _check_float("fmaps", fmaps, 4, autocast=True)
+    _check_float("weight", weight, 2, autocast=True)
     _check_same_device(fmaps=fmaps, weight=weight)
-    if weight.dtype != fmaps.dtype:
-        _fail("weight", f"dtype {fmaps.dtype} like fmaps", weight.dtype)
+    if weight.dtype != fmaps.dtype and not _autocast_float32(fmaps, weight):
+        _fail("weight", f"dtype {fmaps.dtype} like fmaps (or both cast by autocast)", weight.dtype)
     if weight.shape[1] != fmaps.shape[1]:
         _fail("weight", f"shape [K, {fmaps.shape[1]}] (C of fmaps)", f"shape {tuple(weight.shape)}")
     return _check_labels(labels, fmaps.shape[0], weight.shape[0], fmaps.device)
@@ -137,8 +148,8 @@ def _check_bins(bins):
     return int(bins)
 
 
-def _check_cams(cams, batch=None):
-    _check_float("cams", cams, 3)
+def _check_cams(cams, batch=None, *, autocast=False):
+    _check_float("cams", cams, 3, autocast=autocast)
     if batch is not None and cams.shape[0] != batch:
         _fail("cams", f"batch size {batch} like images", cams.shape[0])
     if cams.shape[1] < 1 or cams.shape[2] < 1:
@@ -146,11 +157,11 @@ def _check_cams(cams, batch=None):
     _check_no_nan("cams", cams)
 
 
-def _check_images(images, allow_uint8):
+def _check_images(images, allow_uint8, *, autocast=False):
     if not isinstance(images, torch.Tensor):
         _fail("images", "a torch.Tensor", type(images).__name__)
     if not (allow_uint8 and images.dtype == torch.uint8):
-        _check_float("images", images)
+        _check_float("images", images, autocast=autocast)
     if images.dim() != 4:
         _fail("images", "a 4-D tensor [B, C, H, W]", f"shape {tuple(images.shape)}")
 
@@ -242,7 +253,8 @@ def cam_to_boxes(fmaps, weight, labels, sizes, threshold, bins=256):
         thresholds = fmaps.new_zeros(batch)
         bins = _check_bins(bins)
     else:
-        thresholds = _thresholds_tensor(threshold, batch, fmaps.dtype, fmaps.device)
+        dtype = torch.float32 if _autocast_float32(fmaps, weight) else fmaps.dtype
+        thresholds = _thresholds_tensor(threshold, batch, dtype, fmaps.device)
         bins = 0
     return torch.ops.cim_ext.cam_to_boxes(fmaps, weight, labels, sizes, thresholds, bins)
 
@@ -338,17 +350,18 @@ def soft_compress(images, cams, ratio):
 
     Args:
         images (Tensor[B, C, H, W]): float.
-        cams (Tensor[B, h, w]): maps in [0, 1], same dtype and device.
+        cams (Tensor[B, h, w]): maps in [0, 1], same dtype (any float dtypes under autocast, which computes in
+            float32) and device.
         ratio (float): >= 1.
 
     Returns:
         Tensor[B, C, H, W]. Differentiable (to any order) in images and cams.
     """
-    _check_images(images, allow_uint8=False)
-    _check_cams(cams, images.shape[0])
+    _check_images(images, allow_uint8=False, autocast=True)
+    _check_cams(cams, images.shape[0], autocast=True)
     _check_same_device(images=images, cams=cams)
-    if cams.dtype != images.dtype:
-        _fail("cams", f"dtype {images.dtype} like images", cams.dtype)
+    if cams.dtype != images.dtype and not _autocast_float32(images, cams):
+        _fail("cams", f"dtype {images.dtype} like images (or both cast by autocast)", cams.dtype)
     return torch.ops.cim_ext.soft_compress(images, cams, _check_ratio(ratio))
 
 

@@ -127,14 +127,13 @@ def meta_objective(
         with autocast():
             rational_out = functional_forward(model, rational_params, images, "rational")
         div = F.cross_entropy(upcast(rational_out["logits"]), labels)
-        # 2. CAM of the labelled class, min-max normalised by the op.
+        # 2. CAM of the labelled class (min-max normalised by the op) and 3. soft compression of the inputs; under
+        # AMP the ops' autocast kernels run both in float32.
         weight = params[f"{classifier}.weight"].detach()
-        fmaps = rational_out["fmaps"]
-        dtype = torch.float64 if fmaps.dtype == torch.float64 else torch.float32
-        cams = cim_ext.cam(fmaps.to(dtype), weight.to(dtype), labels)
+        with autocast():
+            cams = cim_ext.cam(rational_out["fmaps"], weight, labels)
+            hybrid = cim_ext.soft_compress(images.to(cams.dtype), cams, compress_ratio)
         reg = F.mse_loss(cams, torch.zeros_like(cams))
-        # 3. soft compression of the inputs.
-        hybrid = cim_ext.soft_compress(images.to(dtype), cams, compress_ratio)
         # 4. inner loss and one differentiable SGD step on theta minus the heads.
         with autocast():
             inner_out = model(hybrid, activation="relu")
@@ -346,16 +345,16 @@ def compute_boxes(model: nn.Module, loader, *, activation: str, threshold: Union
     was_training = model.training
     model.eval()
     indices, boxes, sizes, cams = [], [], [], []
-    weight = getattr(model, classifier).weight.detach().float()
+    weight = getattr(model, classifier).weight.detach()
     try:
         for images, labels, index, size in _maybe_tqdm(loader, progress, "boxes"):
             images = runtime.to_device(images, image=True)
             labels = labels.to(runtime.device)
-            with runtime.autocast():
-                fmaps = model(images, activation=activation)["fmaps"]
             size_dev = size.to(runtime.device)
-            b = cim_ext.cam_to_boxes(fmaps.float(), weight, labels, size_dev, threshold)
-            cams.append(cim_ext.cam(fmaps.float(), weight, labels).to(torch.float16).cpu())
+            with runtime.autocast():  # under AMP the CAM ops compute in float32 (their autocast kernels)
+                fmaps = model(images, activation=activation)["fmaps"]
+                b = cim_ext.cam_to_boxes(fmaps, weight, labels, size_dev, threshold)
+                cams.append(cim_ext.cam(fmaps, weight, labels).to(torch.float16).cpu())
             indices.append(index.to(torch.int64))
             boxes.append(b.cpu())
             sizes.append(size)
