@@ -59,7 +59,9 @@ def _cam_to_boxes_fake(fmaps, weight, labels, sizes, thresholds, bins):
 @_register_fake("compress")
 def _compress_fake(images, boxes, ratio):
     torch._check(images.dim() == 4, lambda: "images: expected a 4-D tensor")
-    return torch.empty_like(images, memory_format=torch.contiguous_format)
+    # As the kernels (compress_output_format): a channels-last input is read in place and keeps its layout.
+    channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(images, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @_register_fake("uncompress")

@@ -259,21 +259,28 @@ def cam_to_boxes(fmaps, weight, labels, sizes, threshold, bins=256):
     return torch.ops.cim_ext.cam_to_boxes(fmaps, weight, labels, sizes, thresholds, bins)
 
 
+def _tensor_arg(name, value):
+    """The Python-side check of a compress / uncompress tensor argument: its type (the kernels check the rest)."""
+    if not isinstance(value, torch.Tensor):
+        _fail(name, "a torch.Tensor", type(value).__name__)
+    return value
+
+
 def compress(images, boxes, ratio):
     """Compress images outside their boxes: nearest-exact down by sqrt(ratio) per side and back up.
 
     Args:
-        images (Tensor[B, C, H, W]): uint8 or float.
-        boxes (Tensor[B, 4] int64): (y0, y1, x0, x1) kept at full resolution.
+        images (Tensor[B, C, H, W]): uint8 or float, NCHW or channels-last.
+        boxes (Tensor[B, 4] int64): (y0, y1, x0, x1) kept at full resolution, same device.
         ratio (float): >= 1; the background keeps (int(H / sqrt(ratio)), int(W / sqrt(ratio))) pixels (at least 1).
 
     Returns:
-        Tensor[B, C, H, W]: bit-exact equal to :func:`cim_ext.reference.compress`.
+        Tensor[B, C, H, W]: bit-exact equal to :func:`cim_ext.reference.compress`; channels-last when ``images`` is.
+
+    The kernels check every argument without reading device data. On CUDA, boxes outside the image are clamped
+    into it instead of raising (checking them would wait for the GPU).
     """
-    _check_images(images, allow_uint8=True)
-    ratio = _check_ratio(ratio)
-    _check_boxes(boxes, images.shape[0], images.shape[2], images.shape[3], images.device)
-    return torch.ops.cim_ext.compress(images, boxes, ratio)
+    return torch.ops.cim_ext.compress(_tensor_arg("images", images), _tensor_arg("boxes", boxes), _check_ratio(ratio))
 
 
 def compress_cost(boxes, sizes, ratio):
@@ -309,14 +316,21 @@ def compress_parts(images, boxes, ratio):
     Returns:
         (Tensor[B, C, h, w], Tensor[N]): ``small`` of size :func:`down_size` and the flattened crops concatenated
         in batch order; :func:`uncompress` of them equals :func:`compress` of the images.
+
+    The size of the crops depends on the box values, so on CUDA this waits for the GPU once (the crops are one
+    masked select); the boxes are checked in Python for the same reason.
     """
     _check_images(images, allow_uint8=True)
     ratio = _check_ratio(ratio)
     _check_boxes(boxes, images.shape[0], images.shape[2], images.shape[3], images.device)
     small = F.interpolate(images, size=down_size(images.shape[2], images.shape[3], ratio), mode="nearest-exact")
-    crops = [images[b, :, y0:y1, x0:x1].reshape(-1) for b, (y0, y1, x0, x1) in enumerate(boxes.tolist())]
-    flat = torch.cat(crops) if crops else images.new_empty(0)
-    return small, flat
+    # Row-major order of [B, C, H, W] visits sample b's crop as C x (y1 - y0) x (x1 - x0), then sample b + 1's.
+    rows = torch.arange(images.shape[2], device=images.device)
+    cols = torch.arange(images.shape[3], device=images.device)
+    in_rows = (boxes[:, :1] <= rows) & (rows < boxes[:, 1:2])
+    in_cols = (boxes[:, 2:3] <= cols) & (cols < boxes[:, 3:4])
+    inside = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    return small, images.masked_select(inside)
 
 
 def uncompress(small, crops, boxes, size):
@@ -331,18 +345,18 @@ def uncompress(small, crops, boxes, size):
 
     Returns:
         Tensor[B, C, H, W]: nearest-exact upsampling of small with each crop pasted into its box.
+
+    As for :func:`compress`, the kernels check the arguments without reading device data; on CUDA, bad boxes and a
+    wrong crop count do not raise, and the kernel stays inside ``crops``.
     """
-    _check_images(small, allow_uint8=True)
+    _tensor_arg("small", small)
     if isinstance(crops, (list, tuple)):
         crops = torch.cat([c.reshape(-1) for c in crops]) if crops else small.new_empty(0)
-    if not isinstance(crops, torch.Tensor) or crops.dtype != small.dtype or crops.device != small.device:
-        _fail("crops", f"a {small.dtype} tensor on {small.device} like small", getattr(crops, "dtype", type(crops).__name__))
-    height, width = _sizes_tensor(size, 1, torch.device("cpu"))[0].tolist()
-    _check_boxes(boxes, small.shape[0], height, width, small.device)
-    needed = int(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).sum()) * small.shape[1]
-    if crops.numel() != needed:
-        _fail("crops", f"{needed} values (C * box area summed over the batch)", crops.numel())
-    return torch.ops.cim_ext.uncompress(small, crops.reshape(-1), boxes, height, width)
+    try:
+        height, width = (_as_int(v) for v in size)
+    except (TypeError, ValueError):
+        _fail("size", "a pair of ints (H, W)", repr(size))
+    return torch.ops.cim_ext.uncompress(small, _tensor_arg("crops", crops).reshape(-1), _tensor_arg("boxes", boxes), height, width)
 
 
 def soft_compress(images, cams, ratio):

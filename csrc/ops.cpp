@@ -33,7 +33,7 @@ TORCH_LIBRARY(cim_ext, m) {
   m.def("compress(Tensor images, Tensor boxes, float ratio) -> Tensor");
   // Rebuild full images from the stored parts of compressed exemplars: the downsampled images and the
   // concatenated, flattened full-resolution box crops (sample b's crop is C x (y1-y0) x (x1-x0), row-major).
-  m.def("uncompress(Tensor small, Tensor crops, Tensor boxes, int height, int width) -> Tensor");
+  m.def("uncompress(Tensor small, Tensor crops, Tensor boxes, SymInt height, SymInt width) -> Tensor");
   // hybrid = up * x + (1 - up) * down_up(x), up = bilinear(cams -> (H, W)).
   m.def("soft_compress(Tensor images, Tensor cams, float ratio) -> Tensor");
   m.def(

@@ -100,8 +100,24 @@ def test_layouts_match_reference_on_the_same_tensor(device, channels, layout):
             x = position_probe(height + 3, width + 3, torch.float32, device, channels, 2)[..., 1 : height + 1, 2 : width + 2]
         boxes = random_boxes(2, height, width, seed=height, device=device)
         out = cim_ext.compress(x, boxes, ratio)
-        assert out.is_contiguous()
+        # Channels-last in, channels-last out (read in place); any other layout gives NCHW.
+        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
         assert_equal(out, reference.compress(x, boxes, ratio))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_channels_last_equals_the_contiguous_call(device, dtype):
+    """With at most 3 channels every CPU nearest-exact kernel rounds alike for both layouts, so the values match
+    the NCHW call exactly; only the strides differ."""
+    for channels, ratio in [(1, 4.0), (3, 4.0), (3, 9.0), (2, 3.7)]:
+        x = random_images((4, channels, 224, 224), dtype, device, seed=channels)
+        boxes = random_boxes(4, 224, 224, seed=channels, device=device)
+        out = cim_ext.compress(x.contiguous(memory_format=torch.channels_last), boxes, ratio)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        if channels > 1:
+            assert not out.is_contiguous()
+        assert_equal(out, cim_ext.compress(x, boxes, ratio))
 
 
 # -------------------------------------------------------------------------------------------------------- compress
@@ -267,8 +283,41 @@ def test_cuda_mixed_devices_rejected():
         cim_ext.compress(x, no_boxes(2, "cpu"), 4.0)
     with pytest.raises((ValueError, RuntimeError), match="crops"):
         cim_ext.uncompress(x, torch.zeros(0, dtype=torch.uint8), no_boxes(2, "cuda"), (8, 8))
-    with pytest.raises(RuntimeError, match="boxes"):
+    with pytest.raises(ValueError, match="^boxes: expected a tensor on cuda"):
         torch.ops.cim_ext.compress(x, no_boxes(2, "cpu"), 4.0)
+
+
+def clamp_boxes(boxes, height, width):
+    """What the CUDA kernels do with a box outside the image: y0 into [0, H], y1 into [y0, H]; x alike."""
+    y0 = boxes[:, 0].clamp(0, height)
+    x0 = boxes[:, 2].clamp(0, width)
+    y1 = torch.maximum(boxes[:, 1].clamp(0, height), y0)
+    x1 = torch.maximum(boxes[:, 3].clamp(0, width), x0)
+    return torch.stack([y0, y1, x0, x1], 1)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_no_host_sync_and_bad_boxes_are_clamped():
+    """compress and uncompress never wait for the GPU: they cannot check box values on CUDA, so the kernels clamp
+    boxes into the image and stay inside crops whatever its size."""
+    height, width = 20, 24
+    x = random_images((4, 3, height, width), torch.uint8, "cuda")
+    bad = torch.tensor([[-5, 4, 3, 30], [18, 25, -2, -1], [9, 3, 5, 7], [0, 20, 0, 24]], device="cuda")
+    small = random_images((4, 3, 5, 6), torch.uint8, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = cim_ext.compress(x, bad, 4.0)
+        out_cl = cim_ext.compress(x.contiguous(memory_format=torch.channels_last), bad, 4.0)
+        rebuilt = cim_ext.uncompress(small, small.new_zeros(7), bad, (height, width))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected = reference.compress(x, clamp_boxes(bad, height, width), 4.0)
+    assert_equal(out, expected)
+    assert_equal(out_cl, expected)
+    assert rebuilt.shape == (4, 3, height, width)
+    torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------- opcheck / compile
@@ -278,6 +327,7 @@ def test_opcheck(device, dtype):
     x = random_images((2, 3, 13, 9), dtype, device)
     boxes = random_boxes(2, 13, 9, device=device)
     torch.library.opcheck(torch.ops.cim_ext.compress.default, (x, boxes, 4.0))
+    torch.library.opcheck(torch.ops.cim_ext.compress.default, (x.contiguous(memory_format=torch.channels_last), boxes, 4.0))
     small, crops = cim_ext.compress_parts(x, boxes, 4.0)
     torch.library.opcheck(torch.ops.cim_ext.uncompress.default, (small, crops, boxes, 13, 9))
 
@@ -297,8 +347,8 @@ def test_torch_compile(device):
 
     x = random_images((3, 3, 16, 20), torch.uint8, device)
     boxes = random_boxes(3, 16, 20, device=device)
-    # The wrapper's box checks read values (a graph break); the ops themselves trace into one graph.
-    assert_equal(torch.compile(compressed, backend="aot_eager")(x, boxes), compressed(x, boxes))
+    # compress and uncompress trace into one graph; compress_parts reads box values (a graph break).
+    assert_equal(torch.compile(compressed, backend="aot_eager", fullgraph=True)(x, boxes), compressed(x, boxes))
     assert_equal(torch.compile(raw_ops, backend="aot_eager", fullgraph=True)(x, boxes), raw_ops(x, boxes))
     assert_equal(torch.compile(roundtrip, backend="aot_eager")(x, boxes), torch.zeros(3, 3, 16, 20, device=device))
 
@@ -325,7 +375,12 @@ def test_bad_input_names_the_argument():
         (lambda: cim_ext.compress([x], boxes, 4.0), "images"),
         (lambda: cim_ext.uncompress(x, x.new_zeros(1), boxes, (8, 8)), "crops"),
         (lambda: cim_ext.uncompress(x, x.new_zeros(0).float(), boxes, (8, 8)), "crops"),
-        (lambda: cim_ext.uncompress(x, x.new_zeros(0), boxes, (0, 8)), "sizes"),
+        (lambda: cim_ext.uncompress(x, x.new_zeros(0), boxes, (0, 8)), "height"),
+        (lambda: cim_ext.uncompress(x, x.new_zeros(0), boxes, (8, 8, 8)), "size"),
+        (lambda: cim_ext.uncompress(x, x.new_zeros(0), boxes, 8), "size"),
+        (lambda: cim_ext.uncompress(x, x.new_zeros(0), [boxes], (8, 8)), "boxes"),
+        (lambda: cim_ext.uncompress(x, x.new_zeros(0, dtype=torch.int64), boxes, (8, 8)), "crops"),
+        (lambda: cim_ext.uncompress(x[:, :, :0], x.new_zeros(0), boxes, (8, 8)), "small"),
         (lambda: cim_ext.uncompress(x, x.new_zeros(0), torch.tensor([[0, 9, 0, 1]] * 2), (8, 8)), "boxes"),
         (lambda: cim_ext.compress_parts(x, boxes, 0.9), "ratio"),
     ]
@@ -335,7 +390,8 @@ def test_bad_input_names_the_argument():
 
 
 def test_compiled_op_checks_its_arguments():
-    """Calling torch.ops.cim_ext directly skips the Python checks; the kernels still refuse bad input."""
+    """The kernels check their arguments themselves (the Python wrappers only check Python types), with the same
+    ValueError "<argument>: expected ..., got ..." on every device."""
     x = random_images((2, 3, 8, 8), torch.uint8, "cpu")
     boxes = no_boxes(2)
     ops = torch.ops.cim_ext
@@ -351,9 +407,11 @@ def test_compiled_op_checks_its_arguments():
         (lambda: ops.uncompress(x, x.new_zeros(0).double(), boxes, 8, 8), "crops"),
         (lambda: ops.uncompress(x, x.new_zeros(0), boxes, 0, 8), "height"),
         (lambda: ops.uncompress(x, x.new_zeros(4), torch.tensor([[2, 1, 2, 1]] * 2), 8, 8), "boxes"),
+        (lambda: ops.uncompress(x, x.new_zeros(2, 2), boxes, 8, 8), "crops"),
+        (lambda: ops.uncompress(x, x.new_zeros(0), boxes, 8, -1), "width"),
     ]
     for call, name in cases:
-        with pytest.raises(RuntimeError, match=name):
+        with pytest.raises(ValueError, match=f"^{name}: expected"):
             call()
 
 

@@ -1,17 +1,30 @@
-// compress and uncompress on CPU: nearest-exact down/up of the background composed into one gather per pixel,
-// with the box pixels copied (compress) or pasted from the stored crops (uncompress).
+// compress and uncompress on CPU, and the argument checks shared with CUDA (compress_checks.h).
+//
+// The background of an output row is one gather from a source row: nearest-exact down and back up composes into a
+// source row and a source column per output pixel (resample.h). The kernels work on bytes, so one code path serves
+// every dtype and both layouts: a "unit" is what one column holds, an element (NCHW) or a pixel of C elements
+// (channels-last). Each row's gather follows a plan computed once per call: 16-byte chunks of the output row, each
+// assembled from at most two 16-byte windows of the source row with a byte shuffle (pshufb), which works because
+// the column map is monotone and moves each pixel by less than one down-sampled pixel. The box span of a row is then
+// copied from the source row (compress) or the stored crop (uncompress).
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
-#include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
+#include <array>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "checks.h"
+#include "compress_checks.h"
 #include "cpu/resample.h"
 
 namespace cim_ext {
@@ -30,170 +43,303 @@ bool cpu_upsample_index_fused() {
   return fused;
 }
 
+// ------------------------------------------------------------------------------------------------ argument checks
 namespace {
 
-// Writes the rows of a [B, C, H, W] output whose background is a gather through (rows, cols) of a source plane.
-// Consecutive output rows with the same source row repeat the previous row instead of gathering again.
-template <typename scalar_t>
-class RowGatherer {
- public:
-  RowGatherer(const std::vector<int64_t>& cols, int64_t width) : cols_(cols.data()), width_(width) {}
-
-  // Fills `dst` with src_row[cols[x]]; `key` identifies (plane, source row) so that a repeat is a copy.
-  void gather(scalar_t* dst, const scalar_t* src_row, int64_t key) {
-    if (key == last_key_ && last_row_ != nullptr) {
-      std::memcpy(dst, last_row_, sizeof(scalar_t) * width_);
-      return;
-    }
-    for (int64_t x = 0; x < width_; ++x) {
-      dst[x] = src_row[cols_[x]];
-    }
-    last_key_ = key;
-    last_row_ = dst;
-  }
-
-  // The last gathered row is about to get box pixels pasted in: stop reusing it.
-  void forget() { last_row_ = nullptr; }
-
- private:
-  const int64_t* cols_;
-  int64_t width_;
-  int64_t last_key_ = -1;
-  const scalar_t* last_row_ = nullptr;
-};
-
-void check_images_dtype(const at::Tensor& tensor, const char* op, const char* name) {
+void check_images(const at::Tensor& tensor, const char* name) {
   const auto dtype = tensor.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kByte || dtype == at::kFloat || dtype == at::kDouble,
-      op, ": ", name, " must be uint8, float32 or float64 on CPU, got ", dtype);
+  const bool cuda = tensor.is_cuda();
+  const bool ok = dtype == at::kByte || dtype == at::kFloat || dtype == at::kDouble ||
+                  (cuda && (dtype == at::kHalf || dtype == at::kBFloat16));
+  CIM_CHECK_ARG(ok, name,
+                cuda ? "dtype uint8, float32, float64, float16 or bfloat16"
+                     : "dtype uint8, float32 or float64 (on this device)",
+                dtype);
+  check_dim(tensor, name, 4, "[B, C, H, W]");
 }
 
-void check_boxes(const at::Tensor& boxes, int64_t batch, int64_t height, int64_t width, const char* op) {
-  TORCH_CHECK(
-      boxes.scalar_type() == at::kLong && boxes.dim() == 2 && boxes.size(0) == batch && boxes.size(1) == 4,
-      op, ": boxes must be an int64 tensor of shape [", batch, ", 4] = (y0, y1, x0, x1), got ", boxes.scalar_type(),
-      " ", boxes.sizes());
-  TORCH_CHECK(boxes.device().is_cpu(), op, ": boxes must be on the CPU like the images, got ", boxes.device());
+void check_boxes(const at::Tensor& boxes, const at::Tensor& like, const char* like_name, int64_t height, int64_t width) {
+  const int64_t batch = like.size(0);
+  CIM_CHECK_ARG(
+      boxes.scalar_type() == at::kLong && boxes.dim() == 2 && boxes.size(0) == batch && boxes.size(1) == 4, "boxes",
+      c10::str("an int64 tensor of shape (", batch, ", 4) = (y0, y1, x0, x1)"),
+      c10::str(boxes.scalar_type(), " ", boxes.sizes()));
+  check_same_device(boxes, "boxes", like, like_name);
+  if (!boxes.is_cpu()) {
+    return;
+  }
   const auto acc = boxes.accessor<int64_t, 2>();
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t y0 = acc[b][0], y1 = acc[b][1], x0 = acc[b][2], x1 = acc[b][3];
-    TORCH_CHECK(
-        0 <= y0 && y0 <= y1 && y1 <= height && 0 <= x0 && x0 <= x1 && x1 <= width,
-        op, ": boxes[", b, "] = (", y0, ", ", y1, ", ", x0, ", ", x1, ") must satisfy 0 <= y0 <= y1 <= ", height,
-        " and 0 <= x0 <= x1 <= ", width);
+    CIM_CHECK_ARG(
+        0 <= y0 && y0 <= y1 && y1 <= height && 0 <= x0 && x0 <= x1 && x1 <= width, "boxes",
+        c10::str("0 <= y0 <= y1 <= ", height, " and 0 <= x0 <= x1 <= ", width),
+        c10::str("(", y0, ", ", y1, ", ", x0, ", ", x1, ") at row ", b));
   }
 }
 
-int64_t row_grain(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, width)); }
+// Values of sample b's crop: C * box area.
+int64_t crop_size(const int64_t* box, int64_t channels) { return channels * (box[1] - box[0]) * (box[3] - box[2]); }
 
-template <typename scalar_t>
-void compress_kernel_impl(
-    const scalar_t* input, const int64_t* boxes, scalar_t* output, int64_t batch, int64_t channels, int64_t height,
-    int64_t width, const ResampleMaps& maps) {
-  at::parallel_for(0, batch * channels * height, row_grain(width), [&](int64_t begin, int64_t end) {
-    RowGatherer<scalar_t> gatherer(maps.cols, width);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t y = row % height;
-      const int64_t plane = row / height;
-      const int64_t* box = boxes + 4 * (plane / channels);
-      const scalar_t* source = input + plane * height * width;
-      scalar_t* dst = output + row * width;
-      const int64_t src_y = maps.rows[y];
-      gatherer.gather(dst, source + src_y * width, plane * height + src_y);
-      if (box[0] <= y && y < box[1] && box[2] < box[3]) {
-        gatherer.forget();
-        std::memcpy(dst + box[2], source + y * width + box[2], sizeof(scalar_t) * (box[3] - box[2]));
-      }
-    }
-  });
+}  // namespace
+
+at::MemoryFormat compress_output_format(const at::Tensor& images) {
+  return !images.is_contiguous() && images.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                                         : at::MemoryFormat::Contiguous;
 }
 
-template <typename scalar_t>
-void uncompress_kernel_impl(
-    const scalar_t* small, const scalar_t* crops, const int64_t* boxes, const int64_t* offsets, scalar_t* output,
-    int64_t batch, int64_t channels, int64_t small_h, int64_t small_w, int64_t height, int64_t width,
-    const ResampleMaps& maps) {
-  at::parallel_for(0, batch * channels * height, row_grain(width), [&](int64_t begin, int64_t end) {
-    RowGatherer<scalar_t> gatherer(maps.cols, width);
+void check_compress_args(const at::Tensor& images, const at::Tensor& boxes, double ratio) {
+  check_images(images, "images");
+  check_ratio(ratio);
+  check_boxes(boxes, images, "images", images.size(2), images.size(3));
+}
+
+void check_uncompress_args(
+    const at::Tensor& small, const at::Tensor& crops, const at::Tensor& boxes, int64_t height, int64_t width) {
+  check_images(small, "small");
+  check_same_dtype(crops, "crops", small, "small");
+  check_same_device(crops, "crops", small, "small");
+  check_dim(crops, "crops", 1, "(the flattened crops)");
+  CIM_CHECK_ARG(height >= 1, "height", "a size >= 1", height);
+  CIM_CHECK_ARG(width >= 1, "width", "a size >= 1", width);
+  CIM_CHECK_ARG(
+      small.numel() > 0 || small.size(0) == 0 || small.size(1) == 0, "small", "at least 1x1 pixels per image",
+      c10::str("shape ", small.sizes()));
+  check_boxes(boxes, small, "small", height, width);
+  if (!boxes.is_cpu()) {
+    return;  // counted by the kernel (offsets), which stays inside crops
+  }
+  const auto boxes_c = boxes.contiguous();
+  int64_t needed = 0;
+  for (int64_t b = 0; b < small.size(0); ++b) {
+    needed += crop_size(boxes_c.const_data_ptr<int64_t>() + 4 * b, small.size(1));
+  }
+  CIM_CHECK_ARG(
+      crops.numel() == needed, "crops", c10::str(needed, " values (C * box area summed over the batch)"),
+      crops.numel());
+}
+
+// --------------------------------------------------------------------------------------------------------- kernels
+namespace {
+
+constexpr int64_t kChunk = 16;
+constexpr uint8_t kOther = 0x80;  // shuffle index that yields 0: the byte comes from the other window
+
+// 16 output bytes: out[i] = lo_window[mask_lo[i]] | hi_window[mask_hi[i]], where exactly one mask selects.
+struct Chunk {
+  int64_t dst;  // first output byte; the last chunk of a row overlaps the one before when 16 does not divide it
+  int64_t lo;   // window starts in the source row
+  int64_t hi;
+  std::array<uint8_t, kChunk> mask_lo;
+  std::array<uint8_t, kChunk> mask_hi;
+};
+
+// How to fill one output row of `dst_bytes` from a source row of `src_bytes`: chunks, or, when some chunk needs
+// more than two windows or a row is shorter than a chunk, the source byte of every output byte.
+struct RowPlan {
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> bytes;
+};
+
+// cols: source unit of each output unit; unit: bytes per unit.
+RowPlan make_row_plan(const std::vector<int64_t>& cols, int64_t unit, int64_t src_bytes) {
+  const int64_t dst_bytes = static_cast<int64_t>(cols.size()) * unit;
+  const auto source = [&](int64_t byte) { return cols[byte / unit] * unit + byte % unit; };
+  RowPlan plan;
+  if (dst_bytes >= kChunk && src_bytes >= kChunk) {
+    for (int64_t start = 0; start < dst_bytes; start += kChunk) {
+      Chunk chunk;
+      chunk.dst = std::min(start, dst_bytes - kChunk);
+      int64_t low = std::numeric_limits<int64_t>::max(), high = low;
+      for (int64_t i = 0; i < kChunk; ++i) {
+        low = std::min(low, source(chunk.dst + i));
+      }
+      for (int64_t i = 0; i < kChunk; ++i) {
+        if (source(chunk.dst + i) >= low + kChunk) {
+          high = std::min(high, source(chunk.dst + i));
+        }
+      }
+      // Windows end inside the source row; a window moved left still covers its bytes (none lie beyond the row).
+      chunk.lo = std::min(low, src_bytes - kChunk);
+      chunk.hi = high == std::numeric_limits<int64_t>::max() ? chunk.lo : std::min(high, src_bytes - kChunk);
+      bool fits = true;
+      for (int64_t i = 0; i < kChunk; ++i) {
+        const int64_t s = source(chunk.dst + i);
+        const bool in_lo = s < low + kChunk;
+        fits = fits && (in_lo || s - chunk.hi < kChunk);
+        chunk.mask_lo[i] = in_lo ? static_cast<uint8_t>(s - chunk.lo) : kOther;
+        chunk.mask_hi[i] = in_lo ? kOther : static_cast<uint8_t>(s - chunk.hi);
+      }
+      if (!fits) {
+        plan.chunks.clear();
+        break;
+      }
+      plan.chunks.push_back(chunk);
+    }
+    if (!plan.chunks.empty()) {
+      return plan;
+    }
+  }
+  plan.bytes.resize(dst_bytes);
+  for (int64_t i = 0; i < dst_bytes; ++i) {
+    plan.bytes[i] = source(i);
+  }
+  return plan;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("ssse3"))) void shuffle_chunks_ssse3(
+    const std::vector<Chunk>& chunks, const uint8_t* src, uint8_t* dst) {
+  for (const Chunk& c : chunks) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c.lo));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c.hi));
+    const __m128i mask_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c.mask_lo.data()));
+    const __m128i mask_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c.mask_hi.data()));
+    const __m128i out = _mm_or_si128(_mm_shuffle_epi8(lo, mask_lo), _mm_shuffle_epi8(hi, mask_hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c.dst), out);
+  }
+}
+
+bool has_ssse3() {
+  static const bool supported = __builtin_cpu_supports("ssse3");
+  return supported;
+}
+#endif
+
+// The same shuffle one byte at a time, for CPUs without SSSE3.
+void shuffle_chunks_scalar(const std::vector<Chunk>& chunks, const uint8_t* src, uint8_t* dst) {
+  for (const Chunk& c : chunks) {
+    for (int64_t i = 0; i < kChunk; ++i) {
+      dst[c.dst + i] = c.mask_lo[i] != kOther ? src[c.lo + c.mask_lo[i]] : src[c.hi + c.mask_hi[i]];
+    }
+  }
+}
+
+void gather_row(const RowPlan& plan, const uint8_t* src, uint8_t* dst) {
+  if (plan.chunks.empty()) {
+    for (size_t i = 0; i < plan.bytes.size(); ++i) {
+      dst[i] = src[plan.bytes[i]];
+    }
+    return;
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  if (has_ssse3()) {
+    shuffle_chunks_ssse3(plan.chunks, src, dst);
+    return;
+  }
+#endif
+  shuffle_chunks_scalar(plan.chunks, src, dst);
+}
+
+// Geometry of a [B, C, H, W] tensor in the byte view of the kernels: `planes` planes of H rows of W units.
+struct Planes {
+  int64_t planes;             // B * C (NCHW) or B (channels-last)
+  int64_t planes_per_sample;  // C or 1
+  int64_t unit;               // bytes per column: element size, or C * element size
+};
+
+Planes planes_of(const at::Tensor& t, at::MemoryFormat format) {
+  const int64_t batch = t.size(0), channels = t.size(1), element = t.element_size();
+  if (format == at::MemoryFormat::ChannelsLast) {
+    return {batch, 1, channels * element};
+  }
+  return {batch * channels, channels, element};
+}
+
+// Fills every row of an output of `planes` planes x `height` rows of `row_bytes`, in parallel: first the background,
+// gathered through `plan` from row rows[y] of the plane's source (or copied from the previous output row when that
+// came from the same source row and holds nothing else), then paste(plane, y, dst), which returns whether it wrote
+// box pixels into the row.
+template <typename Paste>
+void fill_rows(
+    const RowPlan& plan, const std::vector<int64_t>& rows, const uint8_t* src, int64_t src_row_bytes,
+    int64_t src_rows, int64_t planes, int64_t height, int64_t row_bytes, uint8_t* out, const Paste& paste) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / row_bytes);
+  at::parallel_for(0, planes * height, grain, [&](int64_t begin, int64_t end) {
+    int64_t plane = begin / height, y = begin % height;
+    const uint8_t* background = nullptr;  // the last row holding only background, and its source row
+    const uint8_t* background_source = nullptr;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t y = row % height;
-      const int64_t plane = row / height;
-      const int64_t b = plane / channels, c = plane % channels;
-      const int64_t* box = boxes + 4 * b;
-      scalar_t* dst = output + row * width;
-      const int64_t src_y = maps.rows[y];
-      gatherer.gather(dst, small + (plane * small_h + src_y) * small_w, plane * small_h + src_y);
-      if (box[0] <= y && y < box[1] && box[2] < box[3]) {
-        gatherer.forget();
-        const int64_t box_h = box[1] - box[0], box_w = box[3] - box[2];
-        const scalar_t* crop_row = crops + offsets[b] + (c * box_h + (y - box[0])) * box_w;
-        std::memcpy(dst + box[2], crop_row, sizeof(scalar_t) * box_w);
+      uint8_t* dst = out + row * row_bytes;
+      const uint8_t* source = src + (plane * src_rows + rows[y]) * src_row_bytes;
+      if (source == background_source) {
+        std::memcpy(dst, background, row_bytes);
+      } else {
+        gather_row(plan, source, dst);
+      }
+      const bool pasted = paste(plane, y, dst);
+      background = pasted ? nullptr : dst;
+      background_source = pasted ? nullptr : source;
+      if (++y == height) {
+        y = 0;
+        ++plane;
       }
     }
   });
 }
 
 at::Tensor compress_cpu(const at::Tensor& images, const at::Tensor& boxes, double ratio) {
-  TORCH_CHECK(images.dim() == 4, "compress: images must be a 4-D tensor [B, C, H, W], got shape ", images.sizes());
-  check_images_dtype(images, "compress", "images");
-  TORCH_CHECK(std::isfinite(ratio) && ratio >= 1.0, "compress: ratio must be a finite number >= 1, got ", ratio);
-  const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
-  check_boxes(boxes, batch, height, width, "compress");
-
-  auto output = at::empty(images.sizes(), images.options().memory_format(at::MemoryFormat::Contiguous));
+  check_compress_args(images, boxes, ratio);
+  const auto format = compress_output_format(images);
+  auto output = at::empty(images.sizes(), images.options().memory_format(format));
   if (output.numel() == 0) {
     return output;
   }
+  const int64_t height = images.size(2), width = images.size(3);
   const auto maps = cpu_down_up_maps(images, ratio);  // before contiguous(): the reference sees this layout
-  const auto input = images.contiguous();
+  const auto input = images.contiguous(format);
   const auto boxes_c = boxes.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kByte, input.scalar_type(), "compress_cpu", [&] {
-    compress_kernel_impl<scalar_t>(
-        input.const_data_ptr<scalar_t>(), boxes_c.const_data_ptr<int64_t>(), output.mutable_data_ptr<scalar_t>(),
-        batch, channels, height, width, maps);
-  });
+  const auto geometry = planes_of(input, format);
+  const int64_t unit = geometry.unit, row_bytes = width * unit;
+  const auto* in = static_cast<const uint8_t*>(input.const_data_ptr());
+  const int64_t* box_data = boxes_c.const_data_ptr<int64_t>();
+  fill_rows(
+      make_row_plan(maps.cols, unit, row_bytes), maps.rows, in, row_bytes, height, geometry.planes, height, row_bytes,
+      static_cast<uint8_t*>(output.mutable_data_ptr()), [&](int64_t plane, int64_t y, uint8_t* dst) {
+        const int64_t* box = box_data + 4 * (plane / geometry.planes_per_sample);
+        if (y < box[0] || y >= box[1] || box[2] == box[3]) {
+          return false;
+        }
+        std::memcpy(dst + box[2] * unit, in + (plane * height + y) * row_bytes + box[2] * unit, (box[3] - box[2]) * unit);
+        return true;
+      });
   return output;
 }
 
 at::Tensor uncompress_cpu(
-    const at::Tensor& small, const at::Tensor& crops, const at::Tensor& boxes, int64_t height, int64_t width) {
-  TORCH_CHECK(small.dim() == 4, "uncompress: small must be a 4-D tensor [B, C, h, w], got shape ", small.sizes());
-  check_images_dtype(small, "uncompress", "small");
-  TORCH_CHECK(
-      crops.scalar_type() == small.scalar_type() && crops.device() == small.device(),
-      "uncompress: crops must be a ", small.scalar_type(), " tensor on ", small.device(), " like small, got ",
-      crops.scalar_type(), " on ", crops.device());
-  TORCH_CHECK(crops.dim() == 1, "uncompress: crops must be flat (1-D), got shape ", crops.sizes());
-  TORCH_CHECK(height >= 1 && width >= 1, "uncompress: height and width must be >= 1, got ", height, " x ", width);
+    const at::Tensor& small, const at::Tensor& crops, const at::Tensor& boxes, c10::SymInt sym_height,
+    c10::SymInt sym_width) {
+  const int64_t height = sym_height.expect_int(), width = sym_width.expect_int();
+  check_uncompress_args(small, crops, boxes, height, width);
   const int64_t batch = small.size(0), channels = small.size(1);
-  TORCH_CHECK(
-      batch == 0 || channels == 0 || (small.size(2) >= 1 && small.size(3) >= 1),
-      "uncompress: small must have at least 1x1 pixels, got shape ", small.sizes());
-  check_boxes(boxes, batch, height, width, "uncompress");
-
-  const auto boxes_c = boxes.contiguous();
-  std::vector<int64_t> offsets(batch + 1, 0);
-  const int64_t* box = boxes_c.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    offsets[b + 1] = offsets[b] + channels * (box[4 * b + 1] - box[4 * b]) * (box[4 * b + 3] - box[4 * b + 2]);
-  }
-  TORCH_CHECK(
-      crops.numel() == offsets[batch], "uncompress: crops must hold ", offsets[batch],
-      " values (C * box area summed over the batch), got ", crops.numel());
-
-  auto output = at::empty({batch, channels, height, width}, small.options().memory_format(at::MemoryFormat::Contiguous));
+  auto output = at::empty({batch, channels, height, width}, small.options());
   if (output.numel() == 0) {
     return output;
   }
   const auto maps = cpu_up_maps(small, height, width);
   const auto small_c = small.contiguous();
   const auto crops_c = crops.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kByte, small_c.scalar_type(), "uncompress_cpu", [&] {
-    uncompress_kernel_impl<scalar_t>(
-        small_c.const_data_ptr<scalar_t>(), crops_c.const_data_ptr<scalar_t>(), box, offsets.data(),
-        output.mutable_data_ptr<scalar_t>(), batch, channels, small.size(2), small.size(3), height, width, maps);
-  });
+  const auto boxes_c = boxes.contiguous();
+  const int64_t* box_data = boxes_c.const_data_ptr<int64_t>();
+  const int64_t unit = small.element_size(), row_bytes = width * unit, small_row_bytes = small.size(3) * unit;
+  std::vector<int64_t> offsets(batch + 1, 0);  // in bytes
+  for (int64_t b = 0; b < batch; ++b) {
+    offsets[b + 1] = offsets[b] + crop_size(box_data + 4 * b, channels) * unit;
+  }
+  const auto* crop_bytes = static_cast<const uint8_t*>(crops_c.const_data_ptr());
+  fill_rows(
+      make_row_plan(maps.cols, unit, small_row_bytes), maps.rows, static_cast<const uint8_t*>(small_c.const_data_ptr()),
+      small_row_bytes, small.size(2), batch * channels, height, row_bytes,
+      static_cast<uint8_t*>(output.mutable_data_ptr()), [&](int64_t plane, int64_t y, uint8_t* dst) {
+        const int64_t b = plane / channels, c = plane % channels;
+        const int64_t* box = box_data + 4 * b;
+        if (y < box[0] || y >= box[1] || box[2] == box[3]) {
+          return false;
+        }
+        const int64_t box_h = box[1] - box[0], box_w = box[3] - box[2];
+        std::memcpy(dst + box[2] * unit, crop_bytes + offsets[b] + (c * box_h + (y - box[0])) * box_w * unit, box_w * unit);
+        return true;
+      });
   return output;
 }
 
