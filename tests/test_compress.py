@@ -270,7 +270,15 @@ def test_cuda_vectorised_and_scalar_paths():
             assert_equal(cim_ext.compress(x, boxes, 4.0), reference.compress(x, boxes, 4.0))
             small, crops = cim_ext.compress_parts(x, boxes, 4.0)
             assert_equal(cim_ext.uncompress(small, crops, boxes, (11, width)), reference.uncompress(small, crops, boxes, 11, width))
-    x = random_images((70000, 1, 2, 4), torch.uint8, "cuda")
+    # Rows longer than one shared-memory table segment (2048 elements), with and without 16-byte chunks.
+    for shape, layout in [((2, 3, 5, 4096), torch.contiguous_format), ((2, 3, 5, 4100), torch.contiguous_format),
+                          ((2, 3, 6, 1000), torch.channels_last)]:
+        for dtype in (torch.uint8, torch.float32):
+            x = random_images(shape, dtype, "cuda").contiguous(memory_format=layout)
+            boxes = random_boxes(2, shape[2], shape[3], device="cuda")
+            assert_equal(cim_ext.compress(x, boxes, 9.0), reference.compress(x, boxes, 9.0))
+    # More planes than blocks in the grid (grid-stride loop).
+    x = random_images((70000, 16, 2, 4), torch.uint8, "cuda")
     boxes = random_boxes(70000, 2, 4, device="cuda")
     assert_equal(cim_ext.compress(x, boxes, 4.0), reference.compress(x, boxes, 4.0))
 

@@ -1,13 +1,15 @@
-// compress and uncompress on CUDA. The background of output pixel (y, x) is one gather: nearest-exact down and
-// back up composes into source row sd(su(y)) and column sd(su(x)), each computed on the fly with the float
-// arithmetic of ATen's CUDA upsample kernels (cpu/resample.h), so the result is bit-exact with F.interpolate on
-// CUDA for every dtype.
+// compress and uncompress on CUDA: one kernel body for both. The background of output pixel (y, x) is one gather:
+// nearest-exact down and back up (compress) or up (uncompress) gives source row rows(y) and column cols(x), computed
+// with the float arithmetic of ATen's CUDA upsample kernels (NearestAxis in cpu/resample.h), so the result is
+// bit-exact with F.interpolate on CUDA for every dtype. Box pixels come from the images (compress) or from the
+// stored crops (uncompress).
 //
-// Launch layout (both ops): a thread owns kVec consecutive columns of one row of one sample and walks the C
-// channels; its column indices and box-column tests are computed once. Threads along x are consecutive in memory,
-// so loads and stores coalesce; rows and samples stride over grid.y and grid.z. When W is a multiple of 4 every
-// thread stores 4 values at once (the output is a fresh allocation, so its rows are aligned). Nothing is read back
-// to the host: uncompress computes its per-sample crop offsets on the device.
+// Layout: the output is `planes` planes (B * C for NCHW, B for channels-last) of H rows of row_elems elements (W or
+// W * C). One 256-thread block fills a band of kBand rows of one plane: it first writes the source element of every
+// element of a row segment into a shared-memory table, then each thread assembles kV consecutive elements (16
+// bytes when rows allow) and stores them at once; chunks wholly inside the box of compress are one 16-byte load when
+// the input is aligned. In-plane indices are 32-bit (the host checks the plane size); nothing is read back to the
+// host, so box values are not checked there: the kernel clamps them (bad_argument_detected).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,203 +17,247 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
+#include <limits>
 
+#include "checks.h"
+#include "compress_checks.h"
 #include "cpu/resample.h"
 #include "cuda/helpers.cuh"
 
 namespace cim_ext {
 namespace {
 
-constexpr int kVec = 4;
+constexpr int kBand = 16;     // rows per block
+constexpr int kTable = 2048;  // row elements per shared-memory table segment (8 KB)
+constexpr int64_t kMaxRebuildBlocks = 1 << 20;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-template <typename scalar_t, int kWidth>
-__global__ void compress_kernel(
-    const scalar_t* __restrict__ input, const int64_t* __restrict__ boxes, scalar_t* __restrict__ output,
-    int64_t batch, int64_t channels, int64_t height, int64_t width, NearestAxis rows, NearestAxis cols) {
-  const int64_t x_first = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
-  if (x_first >= width) {
-    return;
-  }
-  // kWidth > 1 only when kWidth divides W, so the chunk is whole.
-  int64_t src_x[kWidth];
-#pragma unroll
-  for (int k = 0; k < kWidth; ++k) {
-    src_x[k] = cols.down_up(x_first + k);
-  }
-  const int64_t plane = height * width;
-  for (int64_t b = blockIdx.z; b < batch; b += gridDim.z) {
-    const int64_t y0 = boxes[4 * b], y1 = boxes[4 * b + 1], x0 = boxes[4 * b + 2], x1 = boxes[4 * b + 3];
-    bool in_cols[kWidth];
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) {
-      in_cols[k] = x0 <= x_first + k && x_first + k < x1;
-    }
-    for (int64_t y = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; y < height; y += (int64_t)gridDim.y * blockDim.y) {
-      const bool in_rows = y0 <= y && y < y1;
-      const int64_t src_y = rows.down_up(y);
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* source = input + (b * channels + c) * plane;
-        const scalar_t* keep = source + y * width;
-        const scalar_t* background = source + src_y * width;
-        Pack<scalar_t, kWidth> pack;
-#pragma unroll
-        for (int k = 0; k < kWidth; ++k) {
-          pack.v[k] = (in_rows && in_cols[k]) ? keep[x_first + k] : background[src_x[k]];
-        }
-        *reinterpret_cast<Pack<scalar_t, kWidth>*>(output + (b * channels + c) * plane + y * width + x_first) = pack;
-      }
-    }
-  }
+struct RebuildArgs {
+  const void* background;  // compress: the images; uncompress: small (NCHW)
+  const void* keep;        // compress: the images; uncompress: the flat crops
+  void* out;
+  const int64_t* boxes;
+  const int64_t* crop_ends;  // uncompress: inclusive prefix sum over samples of C * box area
+  int64_t crops_size;
+  int64_t planes;
+  int planes_per_sample;  // C (NCHW) or 1 (channels-last)
+  int unit_elems;         // elements per column: 1 (NCHW) or C (channels-last)
+  int height;
+  int width;
+  int src_height;
+  int src_width;
+  bool keep_aligned;  // the images start on a 16-byte boundary (compress)
+  NearestAxis rows;
+  NearestAxis cols;
+};
+
+// Where a kernel detects an argument the host could not check without waiting for the GPU: a box outside the
+// image ("boxes", sample) or crops that do not hold C * box area values per sample ("crops", sample). The kernels
+// stay memory-safe (boxes clamped into the image, crop reads bounded) and carry on; CUDA's deferred error
+// reporting is to plug in here.
+__device__ __forceinline__ void bad_argument_detected(const char* /*argument*/, int64_t /*sample*/) {}
+
+struct Box {
+  int y0, y1, x0, x1;
+};
+
+__device__ __forceinline__ int clamp_to(int64_t value, int low, int high) {
+  return static_cast<int>(value < low ? low : (value > high ? high : value));
 }
 
-template <typename scalar_t, int kWidth>
-__global__ void uncompress_kernel(
-    const scalar_t* __restrict__ small, const scalar_t* __restrict__ crops, int64_t crops_size,
-    const int64_t* __restrict__ boxes, const int64_t* __restrict__ offsets, scalar_t* __restrict__ output,
-    int64_t batch, int64_t channels, int64_t height, int64_t width, NearestAxis rows, NearestAxis cols) {
-  const int64_t x_first = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
-  if (x_first >= width) {
-    return;
+// The box of `sample`, clamped: y0 into [0, H], y1 into [y0, H], x alike.
+__device__ Box load_box(const int64_t* boxes, int64_t sample, int height, int width) {
+  const int64_t* raw = boxes + 4 * sample;
+  Box box;
+  box.y0 = clamp_to(raw[0], 0, height);
+  box.y1 = clamp_to(raw[1], box.y0, height);
+  box.x0 = clamp_to(raw[2], 0, width);
+  box.x1 = clamp_to(raw[3], box.x0, width);
+  if (box.y0 != raw[0] || box.y1 != raw[1] || box.x0 != raw[2] || box.x1 != raw[3]) {
+    bad_argument_detected("boxes", sample);
   }
-  int64_t src_x[kWidth];
-#pragma unroll
-  for (int k = 0; k < kWidth; ++k) {
-    src_x[k] = cols.up(x_first + k);
-  }
-  const int64_t small_plane = rows.small * cols.small;
-  const int64_t plane = height * width;
-  for (int64_t b = blockIdx.z; b < batch; b += gridDim.z) {
-    const int64_t y0 = boxes[4 * b], y1 = boxes[4 * b + 1], x0 = boxes[4 * b + 2], x1 = boxes[4 * b + 3];
-    const int64_t box_h = y1 - y0, box_w = x1 - x0, offset = offsets[b];
-    bool in_cols[kWidth];
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) {
-      in_cols[k] = x0 <= x_first + k && x_first + k < x1;
+  return box;
+}
+
+// Where the table keeps the source of segment element i. Element k of every chunk is stored in one run, so that the
+// warp's reads of element k of consecutive chunks hit consecutive banks.
+template <int kV>
+__device__ __forceinline__ int table_slot(int i) {
+  return (i % kV) * (kTable / kV) + i / kV;
+}
+
+template <typename scalar_t, int kV, bool kCompress>
+__global__ void __launch_bounds__(kThreads) rebuild_kernel(const RebuildArgs a) {
+  __shared__ int table[kTable];
+  const auto* background = static_cast<const scalar_t*>(a.background);
+  const auto* keep = static_cast<const scalar_t*>(a.keep);
+  auto* out = static_cast<scalar_t*>(a.out);
+  const int row_elems = a.width * a.unit_elems;
+  const int src_row_elems = a.src_width * a.unit_elems;
+  const int bands = (a.height + kBand - 1) / kBand;
+  for (int64_t block = blockIdx.x; block < a.planes * bands; block += gridDim.x) {
+    const int64_t plane = block / bands;
+    const int y_begin = static_cast<int>(block % bands) * kBand;
+    const int band_rows = min(kBand, a.height - y_begin);
+    const int64_t sample = plane / a.planes_per_sample;
+    const Box box = load_box(a.boxes, sample, a.height, a.width);
+    const int box_e0 = box.x0 * a.unit_elems, box_e1 = box.x1 * a.unit_elems;  // the box columns, in elements
+    const scalar_t* src_plane = background + plane * a.src_height * src_row_elems;
+    const scalar_t* keep_plane = kCompress ? keep + plane * a.height * row_elems : keep;
+    scalar_t* out_plane = out + plane * a.height * row_elems;
+    int64_t crop_start = 0;  // uncompress: where this plane's crop starts
+    const int box_h = box.y1 - box.y0, box_w = box.x1 - box.x0;
+    if (!kCompress) {
+      const int64_t channels = a.planes_per_sample;
+      crop_start = a.crop_ends[sample] - channels * box_h * box_w + (plane % channels) * box_h * box_w;
+      if (sample == a.planes / channels - 1 && plane % channels == 0 && y_begin == 0 && threadIdx.x == 0 &&
+          a.crop_ends[sample] != a.crops_size) {
+        bad_argument_detected("crops", sample);
+      }
     }
-    for (int64_t y = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; y < height; y += (int64_t)gridDim.y * blockDim.y) {
-      const bool in_rows = y0 <= y && y < y1;
-      const int64_t src_y = rows.up(y);
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* background = small + (b * channels + c) * small_plane + src_y * cols.small;
-        const int64_t crop_row = offset + (c * box_h + (y - y0)) * box_w - x0;
-        Pack<scalar_t, kWidth> pack;
+    for (int e0 = 0; e0 < row_elems; e0 += kTable) {
+      const int segment = min(kTable, row_elems - e0);
+      __syncthreads();  // the previous segment's readers are done with the table
+      for (int i = threadIdx.x; i < segment; i += kThreads) {
+        const int x = (e0 + i) / a.unit_elems;
+        const int src_x = static_cast<int>(kCompress ? a.cols.down_up(x) : a.cols.up(x));
+        table[table_slot<kV>(i)] = src_x * a.unit_elems + (e0 + i - x * a.unit_elems);
+      }
+      __syncthreads();
+      const int chunks = (segment + kV - 1) / kV;  // kV > 1 only when kV divides row_elems (and kTable)
+      for (int item = threadIdx.x; item < band_rows * chunks; item += kThreads) {
+        const int y = y_begin + item / chunks;
+        const int i = (item % chunks) * kV;  // in the segment
+        const int e = e0 + i;                // in the row
+        const int src_y = static_cast<int>(kCompress ? a.rows.down_up(y) : a.rows.up(y));
+        const scalar_t* src_row = src_plane + src_y * src_row_elems;
+        const bool row_in_box = box.y0 <= y && y < box.y1;
+        Pack<scalar_t, kV> pack;
+        if (kCompress && kV > 1 && a.keep_aligned && row_in_box && box_e0 <= e && e + kV <= box_e1) {
+          pack = *reinterpret_cast<const Pack<scalar_t, kV>*>(keep_plane + y * row_elems + e);
+        } else {
 #pragma unroll
-        for (int k = 0; k < kWidth; ++k) {
-          if (in_rows && in_cols[k]) {
-            // The wrapper checks that crops holds C * area values per sample; stay in bounds regardless.
-            const int64_t index = crop_row + x_first + k;
-            pack.v[k] = (index >= 0 && index < crops_size) ? crops[index] : scalar_t(0);
-          } else {
-            pack.v[k] = background[src_x[k]];
+          for (int k = 0; k < kV; ++k) {
+            if (row_in_box && box_e0 <= e + k && e + k < box_e1) {
+              if (kCompress) {
+                pack.v[k] = keep_plane[y * row_elems + e + k];
+              } else {
+                const int64_t index = crop_start + static_cast<int64_t>(y - box.y0) * box_w + (e + k - box_e0);
+                const bool inside = 0 <= index && index < a.crops_size;
+                if (!inside) {
+                  bad_argument_detected("crops", sample);
+                }
+                pack.v[k] = inside ? keep[index] : scalar_t(0);
+              }
+            } else {
+              pack.v[k] = src_row[table[table_slot<kV>(i + k)]];
+            }
           }
         }
-        *reinterpret_cast<Pack<scalar_t, kWidth>*>(output + (b * channels + c) * plane + y * width + x_first) = pack;
+        *reinterpret_cast<Pack<scalar_t, kV>*>(out_plane + y * row_elems + e) = pack;
       }
     }
   }
 }
 
-void check_image_tensor(const at::Tensor& tensor, const char* op, const char* name) {
-  TORCH_CHECK(tensor.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", tensor.device());
-  TORCH_CHECK(tensor.dim() == 4, op, ": ", name, " must be a 4-D tensor [B, C, H, W], got shape ", tensor.sizes());
-  const auto dtype = tensor.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kByte || dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-          dtype == at::kBFloat16,
-      op, ": ", name, " must be uint8, float32, float64, float16 or bfloat16 on CUDA, got ", dtype);
-}
-
-void check_boxes(const at::Tensor& boxes, int64_t batch, const at::Device& device, const char* op) {
-  TORCH_CHECK(
-      boxes.scalar_type() == at::kLong && boxes.dim() == 2 && boxes.size(0) == batch && boxes.size(1) == 4,
-      op, ": boxes must be an int64 tensor of shape [", batch, ", 4] = (y0, y1, x0, x1), got ", boxes.scalar_type(),
-      " ", boxes.sizes());
-  TORCH_CHECK(boxes.device() == device, op, ": boxes must be on ", device, " like the images, got ", boxes.device());
-}
-
-at::Tensor compress_cuda(const at::Tensor& images, const at::Tensor& boxes, double ratio) {
-  check_image_tensor(images, "compress", "images");
-  TORCH_CHECK(std::isfinite(ratio) && ratio >= 1.0, "compress: ratio must be a finite number >= 1, got ", ratio);
-  const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
-  check_boxes(boxes, batch, images.device(), "compress");
-  c10::cuda::CUDAGuard guard(images.device());
-  auto output = at::empty(images.sizes(), images.options().memory_format(at::MemoryFormat::Contiguous));
-  if (output.numel() == 0) {
-    return output;
-  }
-  const auto input = images.contiguous();
-  const auto boxes_c = boxes.contiguous();
-  const auto rows = NearestAxis::make(height, down_extent(height, ratio));
-  const auto cols = NearestAxis::make(width, down_extent(width, ratio));
-  const bool vectorised = width % kVec == 0;
-  const auto tiles = row_tiles(batch, height, vectorised ? width / kVec : width);
+// Launches rebuild_kernel over a.planes planes of a.height rows, 16 bytes per thread when rows are a whole number
+// of 16-byte chunks (the output is a fresh allocation, so its rows are then aligned).
+template <bool kCompress>
+void launch_rebuild(const RebuildArgs& a, at::ScalarType dtype) {
+  const int64_t work = a.planes * ceil_div(a.height, kBand);
+  const auto blocks = static_cast<unsigned>(std::min(work, kMaxRebuildBlocks));
+  const int64_t row_elems = static_cast<int64_t>(a.width) * a.unit_elems;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, input.scalar_type(), "compress_cuda", [&] {
-    if (vectorised) {
-      compress_kernel<scalar_t, kVec><<<tiles.grid, tiles.block, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), boxes_c.const_data_ptr<int64_t>(), output.mutable_data_ptr<scalar_t>(),
-          batch, channels, height, width, rows, cols);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, dtype, "rebuild_cuda", [&] {
+    constexpr int kV = 16 / sizeof(scalar_t);
+    static_assert(kTable % kV == 0, "table segments must hold whole chunks");
+    if (row_elems % kV == 0) {
+      rebuild_kernel<scalar_t, kV, kCompress><<<blocks, kThreads, 0, stream>>>(a);
     } else {
-      compress_kernel<scalar_t, 1><<<tiles.grid, tiles.block, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), boxes_c.const_data_ptr<int64_t>(), output.mutable_data_ptr<scalar_t>(),
-          batch, channels, height, width, rows, cols);
+      rebuild_kernel<scalar_t, 1, kCompress><<<blocks, kThreads, 0, stream>>>(a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// The kernels index within a plane with 32-bit integers.
+void check_plane_size(int64_t plane_elems, const char* name, const char* what) {
+  CIM_CHECK_ARG(
+      plane_elems <= std::numeric_limits<int>::max(), name, c10::str("fewer than 2^31 elements per ", what),
+      plane_elems);
+}
+
+at::Tensor compress_cuda(const at::Tensor& images, const at::Tensor& boxes, double ratio) {
+  check_compress_args(images, boxes, ratio);
+  const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
+  const auto format = compress_output_format(images);
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+  check_plane_size(height * width * (channels_last ? channels : 1), "images", "image (per channel in NCHW)");
+  c10::cuda::CUDAGuard guard(images.device());
+  auto output = at::empty(images.sizes(), images.options().memory_format(format));
+  if (output.numel() == 0) {
+    return output;
+  }
+  const auto input = images.contiguous(format);
+  const auto boxes_c = boxes.contiguous();
+  RebuildArgs a{};
+  a.background = input.const_data_ptr();
+  a.keep = input.const_data_ptr();
+  a.out = output.mutable_data_ptr();
+  a.boxes = boxes_c.const_data_ptr<int64_t>();
+  a.planes = channels_last ? batch : batch * channels;
+  a.planes_per_sample = channels_last ? 1 : static_cast<int>(channels);
+  a.unit_elems = channels_last ? static_cast<int>(channels) : 1;
+  a.height = a.src_height = static_cast<int>(height);
+  a.width = a.src_width = static_cast<int>(width);
+  a.keep_aligned = reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 == 0;
+  a.rows = NearestAxis::make(height, down_extent(height, ratio));
+  a.cols = NearestAxis::make(width, down_extent(width, ratio));
+  launch_rebuild<true>(a, input.scalar_type());
   return output;
 }
 
 at::Tensor uncompress_cuda(
-    const at::Tensor& small, const at::Tensor& crops, const at::Tensor& boxes, int64_t height, int64_t width) {
-  check_image_tensor(small, "uncompress", "small");
-  TORCH_CHECK(
-      crops.scalar_type() == small.scalar_type() && crops.device() == small.device(),
-      "uncompress: crops must be a ", small.scalar_type(), " tensor on ", small.device(), " like small, got ",
-      crops.scalar_type(), " on ", crops.device());
-  TORCH_CHECK(crops.dim() == 1, "uncompress: crops must be flat (1-D), got shape ", crops.sizes());
-  TORCH_CHECK(height >= 1 && width >= 1, "uncompress: height and width must be >= 1, got ", height, " x ", width);
+    const at::Tensor& small, const at::Tensor& crops, const at::Tensor& boxes, c10::SymInt sym_height,
+    c10::SymInt sym_width) {
+  const int64_t height = sym_height.expect_int(), width = sym_width.expect_int();
+  check_uncompress_args(small, crops, boxes, height, width);
   const int64_t batch = small.size(0), channels = small.size(1);
-  TORCH_CHECK(
-      batch == 0 || channels == 0 || (small.size(2) >= 1 && small.size(3) >= 1),
-      "uncompress: small must have at least 1x1 pixels, got shape ", small.sizes());
-  check_boxes(boxes, batch, small.device(), "uncompress");
+  check_plane_size(height * width, "height", "rebuilt image channel (height * width)");
+  check_plane_size(small.size(2) * small.size(3), "small", "image channel");
   c10::cuda::CUDAGuard guard(small.device());
-  auto output = at::empty({batch, channels, height, width}, small.options().memory_format(at::MemoryFormat::Contiguous));
+  auto output = at::empty({batch, channels, height, width}, small.options());
   if (output.numel() == 0) {
     return output;
   }
   const auto small_c = small.contiguous();
   const auto crops_c = crops.contiguous();
   const auto boxes_c = boxes.contiguous();
-  // Exclusive prefix sum of C * box area: where each sample's crop starts in `crops`, without a host round trip.
-  const auto areas = (boxes_c.select(1, 1) - boxes_c.select(1, 0)) * (boxes_c.select(1, 3) - boxes_c.select(1, 2)) * channels;
-  const auto offsets = (at::cumsum(areas, 0) - areas).contiguous();
-  const auto rows = NearestAxis::make(height, small.size(2));
-  const auto cols = NearestAxis::make(width, small.size(3));
-  const bool vectorised = width % kVec == 0;
-  const auto tiles = row_tiles(batch, height, vectorised ? width / kVec : width);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, small_c.scalar_type(), "uncompress_cuda", [&] {
-    if (vectorised) {
-      uncompress_kernel<scalar_t, kVec><<<tiles.grid, tiles.block, 0, stream>>>(
-          small_c.const_data_ptr<scalar_t>(), crops_c.const_data_ptr<scalar_t>(), crops_c.numel(),
-          boxes_c.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), output.mutable_data_ptr<scalar_t>(),
-          batch, channels, height, width, rows, cols);
-    } else {
-      uncompress_kernel<scalar_t, 1><<<tiles.grid, tiles.block, 0, stream>>>(
-          small_c.const_data_ptr<scalar_t>(), crops_c.const_data_ptr<scalar_t>(), crops_c.numel(),
-          boxes_c.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), output.mutable_data_ptr<scalar_t>(),
-          batch, channels, height, width, rows, cols);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  // Where each sample's crop ends in `crops`, computed on the device (no host round trip).
+  const auto areas = (boxes_c.select(1, 1) - boxes_c.select(1, 0)) * (boxes_c.select(1, 3) - boxes_c.select(1, 2));
+  const auto crop_ends = at::cumsum(areas * channels, 0);
+  RebuildArgs a{};
+  a.background = small_c.const_data_ptr();
+  a.keep = crops_c.const_data_ptr();
+  a.out = output.mutable_data_ptr();
+  a.boxes = boxes_c.const_data_ptr<int64_t>();
+  a.crop_ends = crop_ends.const_data_ptr<int64_t>();
+  a.crops_size = crops_c.numel();
+  a.planes = batch * channels;
+  a.planes_per_sample = static_cast<int>(channels);
+  a.unit_elems = 1;
+  a.height = static_cast<int>(height);
+  a.width = static_cast<int>(width);
+  a.src_height = static_cast<int>(small.size(2));
+  a.src_width = static_cast<int>(small.size(3));
+  a.rows = NearestAxis::make(height, small.size(2));
+  a.cols = NearestAxis::make(width, small.size(3));
+  launch_rebuild<false>(a, small_c.scalar_type());
   return output;
 }
 
