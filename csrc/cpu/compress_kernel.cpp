@@ -246,6 +246,9 @@ Planes planes_of(const at::Tensor& t, at::MemoryFormat format) {
   return {batch * channels, channels, element};
 }
 
+constexpr int64_t kPrefetchRows = 4;  // how far ahead fill_rows prefetches source rows
+constexpr int64_t kCacheLine = 64;
+
 // Fills every row of an output of `planes` planes x `height` rows of `row_bytes`, in parallel: first the background,
 // gathered through `plan` from row rows[y] of the plane's source (or copied from the previous output row when that
 // came from the same source row and holds nothing else), then paste(plane, y, dst), which returns whether it wrote
@@ -255,13 +258,22 @@ void fill_rows(
     const RowPlan& plan, const std::vector<int64_t>& rows, const uint8_t* src, int64_t src_row_bytes,
     int64_t src_rows, int64_t planes, int64_t height, int64_t row_bytes, uint8_t* out, const Paste& paste) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / row_bytes);
+  const auto source_of = [&](int64_t plane, int64_t y) { return src + (plane * src_rows + rows[y]) * src_row_bytes; };
   at::parallel_for(0, planes * height, grain, [&](int64_t begin, int64_t end) {
     int64_t plane = begin / height, y = begin % height;
     const uint8_t* background = nullptr;  // the last row holding only background, and its source row
     const uint8_t* background_source = nullptr;
     for (int64_t row = begin; row < end; ++row) {
       uint8_t* dst = out + row * row_bytes;
-      const uint8_t* source = src + (plane * src_rows + rows[y]) * src_row_bytes;
+      const uint8_t* source = source_of(plane, y);
+      // Source rows skip input rows (every other one at ratio 4), which the hardware prefetchers do not follow.
+      if (row + kPrefetchRows < end) {
+        const int64_t ahead = y + kPrefetchRows;
+        const uint8_t* next = source_of(plane + ahead / height, ahead % height);
+        for (int64_t offset = 0; offset < src_row_bytes; offset += kCacheLine) {
+          __builtin_prefetch(next + offset);
+        }
+      }
       if (source == background_source) {
         std::memcpy(dst, background, row_bytes);
       } else {
