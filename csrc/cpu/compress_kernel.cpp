@@ -261,19 +261,25 @@ void fill_rows(
   const auto source_of = [&](int64_t plane, int64_t y) { return src + (plane * src_rows + rows[y]) * src_row_bytes; };
   at::parallel_for(0, planes * height, grain, [&](int64_t begin, int64_t end) {
     int64_t plane = begin / height, y = begin % height;
+    // Source rows skip input rows (every other one at ratio 4), which the hardware prefetchers do not follow: the
+    // source row of output row + kPrefetchRows is prefetched, once.
+    int64_t ahead = begin + kPrefetchRows, ahead_plane = ahead / height, ahead_y = ahead % height;
+    const uint8_t* prefetched = nullptr;
     const uint8_t* background = nullptr;  // the last row holding only background, and its source row
     const uint8_t* background_source = nullptr;
-    for (int64_t row = begin; row < end; ++row) {
-      uint8_t* dst = out + row * row_bytes;
-      const uint8_t* source = source_of(plane, y);
-      // Source rows skip input rows (every other one at ratio 4), which the hardware prefetchers do not follow.
-      if (row + kPrefetchRows < end) {
-        const int64_t ahead = y + kPrefetchRows;
-        const uint8_t* next = source_of(plane + ahead / height, ahead % height);
+    for (int64_t row = begin; row < end; ++row, ++ahead) {
+      if (ahead < end && source_of(ahead_plane, ahead_y) != prefetched) {
+        prefetched = source_of(ahead_plane, ahead_y);
         for (int64_t offset = 0; offset < src_row_bytes; offset += kCacheLine) {
-          __builtin_prefetch(next + offset);
+          __builtin_prefetch(prefetched + offset);
         }
       }
+      if (++ahead_y == height) {
+        ahead_y = 0;
+        ++ahead_plane;
+      }
+      uint8_t* dst = out + row * row_bytes;
+      const uint8_t* source = source_of(plane, y);
       if (source == background_source) {
         std::memcpy(dst, background, row_bytes);
       } else {
