@@ -437,6 +437,27 @@ def test_boxes_mixed_devices(device):
         cim_ext.cam_to_boxes(fmaps.to(device), weight, labels.to(device), (8, 8), 0.5)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_boxes_every_kernel_path(device, dtype):
+    """The CUDA box scan splits each sample over several blocks, with the column taps in shared memory when they fit
+    and the CAM in shared memory when it fits: images shorter than the number of slices, wider than the tap table,
+    per-sample sizes and large feature maps all match the reference exactly."""
+    cases = [((3, 8, 7, 7), [(2, 3000), (1, 1), (3, 2)]), ((2, 4, 60, 50), [(224, 224), (5, 400)])]
+    for shape, sizes in cases:
+        fmaps, weight, labels = make_cam_inputs(*shape, 5, dtype=dtype, device=device, seed=shape[2])
+        per_sample = torch.tensor(sizes, device=device)
+        for threshold in (0.6, "otsu"):
+            expected = reference.cam_to_boxes(fmaps, weight, labels, per_sample, threshold)
+            got = cim_ext.cam_to_boxes(fmaps, weight, labels, per_sample, threshold)
+            assert torch.equal(got, expected), (shape, threshold)
+            for b, size in enumerate(sizes):
+                one = cim_ext.cam_to_boxes(fmaps[b:b + 1], weight, labels[b:b + 1], size, threshold)
+                assert torch.equal(one[0], expected[b]), (shape, size, threshold)
+        cams = cim_ext.cam(fmaps, weight, labels)
+        assert torch.equal(cim_ext.cam_boxes(cams, per_sample, 0.6), reference.cam_boxes(cams, per_sample, 0.6))
+
+
 # -------------------------------------------------------------------------------------- registration and compile
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_boxes_opcheck(device):

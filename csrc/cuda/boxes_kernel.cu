@@ -1,5 +1,6 @@
-// CUDA kernels of cam_boxes, otsu_threshold and cam_to_boxes: one block per sample. The full-resolution map is
-// never stored: each thread interpolates the pixels it visits from the tiny h x w map (cam_common.cuh).
+// CUDA kernels of cam_boxes, otsu_threshold and cam_to_boxes: fixed-threshold boxes over several blocks per sample,
+// Otsu thresholds one block per sample. The full-resolution map is never stored: each thread interpolates the pixels
+// it visits from the tiny h x w map (cam_common.cuh).
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -32,8 +33,8 @@ __device__ inline bool sample_size(const SampleSizes& sizes, int64_t b, deferred
                                    int64_t& H, int64_t& W) {
   H = sizes.per_sample ? sizes.per_sample[2 * b] : sizes.height;
   W = sizes.per_sample ? sizes.per_sample[2 * b + 1] : sizes.width;
-  if (H >= 1 && W >= 1) return true;
-  if (threadIdx.x == 0) deferred::record(errors, deferred::kSize, op, b, H < 1 ? H : W, 1);
+  if (H >= 1 && W >= 1 && H <= INT32_MAX && W <= INT32_MAX) return true;
+  if (threadIdx.x == 0) deferred::record(errors, deferred::kSize, op, b, H < 1 || H > INT32_MAX ? H : W, 1);
   return false;
 }
 
@@ -52,17 +53,145 @@ const scalar_t* device_thresholds(const Thresholds& thresholds) {
   return thresholds.per_sample.defined() ? thresholds.per_sample.const_data_ptr<scalar_t>() : nullptr;
 }
 
-template <typename scalar_t>
+// Fixed-threshold boxes, kSlices blocks per sample (grid B x slices). Each block holds the sample's normalised map
+// (cam_to_boxes: rebuilt with the same fixed-order sums as cam, so the boxes equal cam followed by cam_boxes) and a
+// table of the column taps (the same `linear` values the scan would recompute per pixel), scans its band of rows,
+// and folds its partial box into `partial` [B, 5] with atomicMax on fields encoded so that 0 means "nothing found":
+// (H - y0, y1 + 1, W - x0, x1 + 1). Max is order-independent, so the result is deterministic. The last block of a
+// sample (ticket in field 4, after a fence) writes the int64 box.
+constexpr int kSlices = 4;
+constexpr int64_t kTableBytes = 32768;  // column taps beyond this are computed per pixel
+
+template <typename acc_t>
+struct Tap {
+  int i0, step;
+  acc_t l0, l1;
+};
+
+template <typename scalar_t, bool kFromFmaps>
 __global__ void __launch_bounds__(kBlock)
-    cam_boxes_kernel(const scalar_t* __restrict__ cams, int64_t height, int64_t width, SampleSizes sizes,
-                     const scalar_t* __restrict__ thresholds, scalar_t threshold, int64_t* __restrict__ boxes,
-                     deferred::Report* errors) {
+    sliced_box_kernel(const scalar_t* __restrict__ source, const scalar_t* __restrict__ weight,
+                      const int64_t* __restrict__ labels, int64_t classes, int64_t channels, int64_t height,
+                      int64_t width, bool channels_last, SampleSizes sizes, const scalar_t* __restrict__ thresholds,
+                      scalar_t threshold, int64_t table_capacity, scalar_t* __restrict__ global_maps,
+                      unsigned* __restrict__ partial,
+                      int64_t* __restrict__ boxes, deferred::Report* errors, deferred::Op op) {
   using acc_t = at::acc_type<scalar_t, true>;
+  __shared__ acc_t scratch[kBlock];
+  __shared__ bool last;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int64_t b = blockIdx.x;
+  const int slice = blockIdx.y, slices = gridDim.y;
+  const int64_t pixels = height * width;
   int64_t H, W;
-  if (!sample_size(sizes, b, deferred::kCamBoxes, errors, H, W)) return empty_box(boxes + 4 * b);
-  cam_cuda::block_box<scalar_t, acc_t>(cams + b * height * width, height, width, H, W,
-                                       static_cast<acc_t>(fixed_threshold(thresholds, threshold, b)), boxes + 4 * b);
+  const bool ok = (!kFromFmaps || cam_cuda::label_ok(labels[b], classes, b, op, errors)) &&
+                  sample_size(sizes, b, op, errors, H, W);
+  if (!ok) {
+    if (slice == 0) empty_box(boxes + 4 * b);
+    return;
+  }
+  // Shared memory: [table_capacity column taps][map (cam_to_boxes, if it fits)].
+  const bool tabled = W <= table_capacity;
+  Tap<acc_t>* taps = reinterpret_cast<Tap<acc_t>*>(shared_bytes);
+  const scalar_t* map = source + b * pixels;
+  if (kFromFmaps) {
+    scalar_t* own = global_maps != nullptr
+                        ? global_maps + (b * slices + slice) * pixels
+                        : reinterpret_cast<scalar_t*>(shared_bytes + table_capacity * sizeof(Tap<acc_t>));
+    cam_cuda::block_raw_cam(source + b * channels * pixels, weight + labels[b] * channels, channels, pixels,
+                            channels_last, own, scratch);
+    cam_cuda::block_normalize<scalar_t, acc_t>(own, pixels);
+    map = own;
+  }
+  const acc_t scale_y = static_cast<acc_t>(height) / H;
+  const acc_t scale_x = static_cast<acc_t>(width) / W;
+  if (tabled) {
+    for (int64_t x = threadIdx.x; x < W; x += kBlock) {
+      const auto lx = cam_cuda::linear(scale_x, x, width);
+      taps[x] = {static_cast<int>(lx.i0), static_cast<int>(lx.step), lx.l0, lx.l1};
+    }
+    __syncthreads();
+  }
+  const acc_t cut = static_cast<acc_t>(fixed_threshold(thresholds, threshold, b));
+  const int64_t rows = (H + slices - 1) / slices;
+  const int64_t row_end = H < (slice + 1) * rows ? H : (slice + 1) * rows;
+  int64_t y0 = INT64_MAX, y1 = -1, x0 = INT64_MAX, x1 = -1;
+  for (int64_t y = slice * rows + (threadIdx.x >> 5); y < row_end; y += cam_cuda::kWarps) {
+    const auto ly = cam_cuda::linear(scale_y, y, height);
+    for (int64_t x = threadIdx.x & 31; x < W; x += 32) {
+      cam_cuda::Linear<acc_t> lx;
+      if (tabled) {
+        const Tap<acc_t> t = taps[x];
+        lx = {t.i0, t.step, t.l0, t.l1};
+      } else {
+        lx = cam_cuda::linear(scale_x, x, width);
+      }
+      if (cam_cuda::upsampled<scalar_t, acc_t>(map, width, ly, lx) > cut) {
+        y0 = y < y0 ? y : y0;
+        y1 = y > y1 ? y : y1;
+        x0 = x < x0 ? x : x0;
+        x1 = x > x1 ? x : x1;
+      }
+    }
+  }
+  y0 = cam_cuda::block_reduce(y0, cam_cuda::Min());
+  y1 = cam_cuda::block_reduce(y1, cam_cuda::Max());
+  x0 = cam_cuda::block_reduce(x0, cam_cuda::Min());
+  x1 = cam_cuda::block_reduce(x1, cam_cuda::Max());
+  unsigned* fields = partial + 5 * b;
+  if (threadIdx.x == 0) {
+    if (y1 >= 0) {
+      atomicMax(fields + 0, static_cast<unsigned>(H - y0));
+      atomicMax(fields + 1, static_cast<unsigned>(y1 + 1));
+      atomicMax(fields + 2, static_cast<unsigned>(W - x0));
+      atomicMax(fields + 3, static_cast<unsigned>(x1 + 1));
+    }
+    __threadfence();
+    last = atomicAdd(fields + 4, 1u) == static_cast<unsigned>(slices - 1);
+  }
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    __threadfence();
+    const unsigned top = atomicAdd(fields + 0, 0u), bottom = atomicAdd(fields + 1, 0u);
+    const unsigned left = atomicAdd(fields + 2, 0u), right = atomicAdd(fields + 3, 0u);
+    int64_t* box = boxes + 4 * b;
+    const bool empty = bottom == 0;
+    box[0] = empty ? 0 : H - top;
+    box[1] = empty ? 0 : bottom;
+    box[2] = empty ? 0 : W - left;
+    box[3] = empty ? 0 : right;
+  }
+}
+
+// Launches sliced_box_kernel: `fmaps`/`weight`/`labels` given for cam_to_boxes, `cams` alone for cam_boxes.
+template <typename scalar_t, bool kFromFmaps>
+void launch_sliced_boxes(const at::Tensor& source, const at::Tensor& weight, const at::Tensor& labels,
+                         bool channels_last, int64_t height, int64_t width, const Sizes& hw, const Thresholds& thr,
+                         const at::Tensor& boxes, deferred::Op op) {
+  using acc_t = at::acc_type<scalar_t, true>;
+  const int64_t batch = boxes.size(0);
+  // Enough rows for every slice: the largest target height is only known on the device for per-sample sizes, so
+  // slices without rows simply find nothing.
+  const int slices = hw.per_sample.defined() ? kSlices : static_cast<int>(std::min<int64_t>(kSlices, hw.height));
+  const int64_t pixels = height * width;
+  // Room for the column taps of the known width, or of any width up to kTableBytes with per-sample sizes.
+  const int64_t most = kTableBytes / static_cast<int64_t>(sizeof(Tap<acc_t>));
+  const int64_t table_capacity = hw.per_sample.defined() ? most : (hw.width <= most ? hw.width : 0);
+  const size_t table = static_cast<size_t>(table_capacity) * sizeof(Tap<acc_t>);
+  const int64_t map_bytes = kFromFmaps ? pixels * static_cast<int64_t>(sizeof(scalar_t)) : 0;
+  const bool map_in_shared = map_bytes <= cam_cuda::kSharedMapBytes;
+  auto map_scratch = map_in_shared ? at::Tensor() : at::empty({batch * slices, pixels}, source.options());
+  auto partial = at::zeros({batch, 5}, source.options().dtype(at::kInt));
+  const size_t shared = table + (map_in_shared ? static_cast<size_t>(map_bytes) : 0);
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(slices));
+  sliced_box_kernel<scalar_t, kFromFmaps><<<grid, kBlock, shared, at::cuda::getCurrentCUDAStream()>>>(
+      source.const_data_ptr<scalar_t>(), kFromFmaps ? weight.const_data_ptr<scalar_t>() : nullptr,
+      kFromFmaps ? labels.const_data_ptr<int64_t>() : nullptr, kFromFmaps ? weight.size(0) : 0,
+      kFromFmaps ? source.size(1) : 0, height, width, channels_last, device_sizes(hw),
+      device_thresholds<scalar_t>(thr), static_cast<scalar_t>(thr.value), table_capacity,
+      map_scratch.defined() ? map_scratch.data_ptr<scalar_t>() : nullptr,
+      reinterpret_cast<unsigned*>(partial.data_ptr<int>()), boxes.data_ptr<int64_t>(), deferred::report(), op);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor cam_boxes_cuda(const at::Tensor& cams, at::OptionalIntArrayRef size, const std::optional<at::Tensor>& sizes,
@@ -76,12 +205,9 @@ at::Tensor cam_boxes_cuda(const at::Tensor& cams, at::OptionalIntArrayRef size, 
   auto boxes = at::empty({batch, 4}, cams.options().dtype(at::kLong));
   if (batch == 0) return boxes;
   const auto cams_c = cams.contiguous();
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cams.scalar_type(), "cam_boxes_cuda", [&] {
-    cam_boxes_kernel<scalar_t><<<batch, kBlock, 0, stream>>>(
-        cams_c.const_data_ptr<scalar_t>(), height, width, device_sizes(hw), device_thresholds<scalar_t>(thr),
-        static_cast<scalar_t>(thr.value), boxes.data_ptr<int64_t>(), deferred::report());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_sliced_boxes<scalar_t, false>(cams_c, at::Tensor(), at::Tensor(), false, height, width, hw, thr, boxes,
+                                         deferred::kCamBoxes);
   });
   return boxes;
 }
@@ -135,15 +261,15 @@ at::Tensor otsu_threshold_cuda(const at::Tensor& cams, at::OptionalIntArrayRef s
   return out;
 }
 
-// Dynamic shared memory: [histogram (Otsu, if it fits)][normalised map (if it fits)]; what does not fit is in
-// the global scratch buffers.
+// Otsu boxes, one block per sample (the threshold needs the whole histogram). Dynamic shared memory:
+// [histogram (if it fits)][normalised map (if it fits)]; what does not fit is in the global scratch buffers.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock)
-    cam_to_boxes_kernel(const scalar_t* __restrict__ fmaps, const scalar_t* __restrict__ weight,
-                        const int64_t* __restrict__ labels, int64_t classes, int64_t channels, int64_t height,
-                        int64_t width, bool channels_last, SampleSizes sizes, const scalar_t* __restrict__ thresholds,
-                        scalar_t threshold, int64_t bins, scalar_t* __restrict__ global_maps,
-                        Counter* __restrict__ global_hist, int64_t* __restrict__ boxes, deferred::Report* errors) {
+    otsu_boxes_kernel(const scalar_t* __restrict__ fmaps, const scalar_t* __restrict__ weight,
+                      const int64_t* __restrict__ labels, int64_t classes, int64_t channels, int64_t height,
+                      int64_t width, bool channels_last, SampleSizes sizes, int64_t bins,
+                      scalar_t* __restrict__ global_maps, Counter* __restrict__ global_hist,
+                      int64_t* __restrict__ boxes, deferred::Report* errors) {
   using acc_t = at::acc_type<scalar_t, true>;
   __shared__ acc_t partial[kBlock];
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -155,18 +281,15 @@ __global__ void __launch_bounds__(kBlock)
     return empty_box(boxes + 4 * b);
   }
   const int64_t pixels = height * width;
-  const bool otsu = bins > 0;
-  const size_t hist_bytes = otsu && global_hist == nullptr ? static_cast<size_t>(bins) * sizeof(Counter) : 0;
+  const size_t hist_bytes = global_hist == nullptr ? static_cast<size_t>(bins) * sizeof(Counter) : 0;
   Counter* hist = global_hist != nullptr ? global_hist + b * bins : reinterpret_cast<Counter*>(shared_bytes);
   scalar_t* map = global_maps != nullptr ? global_maps + b * pixels
                                          : reinterpret_cast<scalar_t*>(shared_bytes + hist_bytes);
   cam_cuda::block_raw_cam(fmaps + b * channels * pixels, weight + label * channels, channels, pixels, channels_last,
                           map, partial);
   cam_cuda::block_normalize<scalar_t, acc_t>(map, pixels);
-  const acc_t cut =
-      otsu ? static_cast<acc_t>(cam_cuda::otsu_value<scalar_t>(
-                 cam_cuda::block_otsu<scalar_t, acc_t>(map, height, width, H, W, bins, hist), bins))
-           : static_cast<acc_t>(fixed_threshold(thresholds, threshold, b));
+  const int64_t k = cam_cuda::block_otsu<scalar_t, acc_t>(map, height, width, H, W, bins, hist);
+  const acc_t cut = static_cast<acc_t>(cam_cuda::otsu_value<scalar_t>(k, bins));
   cam_cuda::block_box<scalar_t, acc_t>(map, height, width, H, W, cut, boxes + 4 * b);
 }
 
@@ -187,21 +310,26 @@ at::Tensor cam_to_boxes_cuda(const at::Tensor& fmaps, const at::Tensor& weight, 
   if (batch == 0) return boxes;
   const auto layout = fmaps_layout(fmaps);
   const auto weight_c = weight.contiguous();
+  if (!otsu) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fmaps.scalar_type(), "cam_to_boxes_cuda", [&] {
+      launch_sliced_boxes<scalar_t, true>(layout.fmaps, weight_c, labels_c, layout.channels_last, height, width, hw,
+                                          thr, boxes, deferred::kCamToBoxes);
+    });
+    return boxes;
+  }
   const int64_t pixels = height * width;
   const int64_t map_bytes = pixels * static_cast<int64_t>(fmaps.element_size());
   auto map_scratch = map_bytes > cam_cuda::kSharedMapBytes ? at::empty({batch, pixels}, fmaps.options()) : at::Tensor();
-  auto hist = otsu ? hist_scratch(batch, bins, fmaps.options()) : at::Tensor();
+  auto hist = hist_scratch(batch, bins, fmaps.options());
   Counter* global_hist = hist.defined() ? reinterpret_cast<Counter*>(hist.data_ptr<int64_t>()) : nullptr;
-  const size_t hist_bytes = otsu && global_hist == nullptr ? static_cast<size_t>(bins) * sizeof(Counter) : 0;
+  const size_t hist_bytes = global_hist == nullptr ? static_cast<size_t>(bins) * sizeof(Counter) : 0;
   const size_t shared = hist_bytes + (map_scratch.defined() ? 0 : static_cast<size_t>(map_bytes));
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fmaps.scalar_type(), "cam_to_boxes_cuda", [&] {
-    cam_to_boxes_kernel<scalar_t><<<batch, kBlock, shared, stream>>>(
+    otsu_boxes_kernel<scalar_t><<<batch, kBlock, shared, at::cuda::getCurrentCUDAStream()>>>(
         layout.fmaps.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
         labels_c.const_data_ptr<int64_t>(), weight.size(0), channels, height, width, layout.channels_last,
-        device_sizes(hw), device_thresholds<scalar_t>(thr), static_cast<scalar_t>(thr.value), otsu ? bins : 0,
-        map_scratch.defined() ? map_scratch.data_ptr<scalar_t>() : nullptr, global_hist, boxes.data_ptr<int64_t>(),
-        deferred::report());
+        device_sizes(hw), bins, map_scratch.defined() ? map_scratch.data_ptr<scalar_t>() : nullptr, global_hist,
+        boxes.data_ptr<int64_t>(), deferred::report());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return boxes;
