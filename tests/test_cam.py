@@ -386,3 +386,25 @@ def test_cam_fuzz(batch, channels, height, width, classes, label, dtype, special
     assert out.shape == (batch, height, width)
     if special is None and normalize:
         assert torch.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_cam_weight_gradient_under_deterministic_algorithms(device):
+    """CPU sums the weight gradient in a fixed order; CUDA adds samples that share a label with atomics, so it
+    refuses to run under torch.use_deterministic_algorithms (the fmaps gradient alone is deterministic)."""
+    fmaps, weight, labels = make_inputs(4, 3, 4, 5, 2, device=device)
+    fmaps.requires_grad_(True)
+    weight.requires_grad_(True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.autograd.grad(cim_ext.cam(fmaps, weight, labels).sum(), fmaps)
+        if device == "cuda":
+            with pytest.raises(RuntimeError, match="_cam_backward"):
+                torch.autograd.grad(cim_ext.cam(fmaps, weight, labels).sum(), weight)
+        else:
+            first = torch.autograd.grad(cim_ext.cam(fmaps, weight, labels).sum(), weight)[0]
+            again = torch.autograd.grad(cim_ext.cam(fmaps, weight, labels).sum(), weight)[0]
+            assert torch.equal(first, again)
+    finally:
+        torch.use_deterministic_algorithms(before)
