@@ -2,7 +2,8 @@
 
     python -m bench.registers [--arch sm_90] [--out bench/results/registers-<arch>-<date>.json] [files...]
 
-Each csrc/cuda/*.cu is compiled to a cubin with the extension's own flags plus ``-Xptxas -v``; the report lists, per
+Each csrc/cuda/*.cu is compiled (host and device code, so it doubles as a compile check of one file) with the
+extension's own flags plus ``-Xptxas -v``; the report lists, per
 kernel (demangled), registers, spill stores/loads in bytes, stack frame, shared memory and constant memory.
 """
 import argparse
@@ -85,8 +86,8 @@ def report(files, arch):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for source in files:
-            cubin = os.path.join(tmp, os.path.basename(source) + ".cubin")
-            cmd = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", *flags, source, "-o", cubin]
+            obj = os.path.join(tmp, os.path.basename(source) + ".o")
+            cmd = ["nvcc", "-c", f"-arch={arch}", "-Xptxas", "-v", *flags, source, "-o", obj]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.stderr.write(done.stdout + done.stderr)

@@ -180,3 +180,41 @@ def test_rational(benchmark, impl, pass_):
     inputs = (x,) if impl == "relu" else (x, numerator, denominator)
     run = lambda: torch.autograd.grad(fn(x, numerator, denominator), inputs, grad)  # noqa: E731
     _measure(benchmark, run, op=f"rational[{pass_}]", impl=impl, bytes_moved=5 * _nbytes(x))
+
+
+# -------------------------------------------------------------------------------------------------- host overhead
+def _host_cases():
+    """Tiny inputs (one 3x32x32 image, 8x4x4 feature maps), so a call's time is its host cost: the public wrapper,
+    the bare ``torch.ops`` call it makes, and ``torch.add`` as the cost of one eager op."""
+    fmaps, weight, labels = cases.cam_inputs(channels=8, side=4, classes=10)
+    fmaps, labels = fmaps[:1].contiguous(), labels[:1].contiguous()
+    images, boxes = cases.image_inputs(side=32)
+    images, boxes = images[:1].contiguous(), boxes[:1].contiguous()
+    x = torch.randn(1, 4, 4, 4, device=DEVICE)
+    rational = cim_ext.nn.Rational().to(DEVICE)
+    numerator, denominator = rational.numerator.detach(), rational.denominator.detach()
+    cams = cim_ext.cam(fmaps, weight, labels)
+    pixels = images.float()
+    ops = torch.ops.cim_ext
+    return {
+        "cam": (lambda: cim_ext.cam(fmaps, weight, labels), lambda: ops.cam(fmaps, weight, labels, True)),
+        "cam_to_boxes": (lambda: cim_ext.cam_to_boxes(fmaps, weight, labels, (32, 32), 0.6),
+                         lambda: ops.cam_to_boxes(fmaps, weight, labels, [32, 32], None, 0.6, None, 0)),
+        "compress": (lambda: cim_ext.compress(images, boxes, 4.0), lambda: ops.compress(images, boxes, 4.0)),
+        "soft_compress": (lambda: cim_ext.soft_compress(pixels, cams, 4.0),
+                          lambda: ops.soft_compress(pixels, cams, 4.0)),
+        "rational": (lambda: cim_ext.rational(x, numerator, denominator),
+                     lambda: ops.rational(x, numerator, denominator)),
+    }
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch.ops", "torch.add"])
+@pytest.mark.parametrize("op", ["cam", "cam_to_boxes", "compress", "soft_compress", "rational"])
+def test_host_overhead(benchmark, op, impl):
+    wrapper, bare = _host_cases()[op]
+    a = torch.ones(4, device=DEVICE)
+    fn = {"kernel": wrapper, "torch.ops": bare, "torch.add": lambda: torch.add(a, a)}[impl]
+    benchmark.group = f"host[{op}]"
+    benchmark.extra_info.update(op=f"host[{op}]", impl=impl, device=DEVICE, bytes=0, batch=1)
+    with torch.no_grad():
+        benchmark.pedantic(lambda: (fn(), _sync()), rounds=ROUNDS * 20, iterations=20, warmup_rounds=2)

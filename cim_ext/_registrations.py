@@ -39,19 +39,19 @@ def _boxes_fake(batch, like):
 
 
 @_register_fake("cam_boxes")
-def _cam_boxes_fake(cams, sizes, thresholds):
+def _cam_boxes_fake(cams, size, sizes, threshold, thresholds):
     torch._check(cams.dim() == 3, lambda: "cams: expected a 3-D tensor")
     return _boxes_fake(cams.shape[0], cams)
 
 
 @_register_fake("otsu_threshold")
-def _otsu_threshold_fake(cams, sizes, bins):
+def _otsu_threshold_fake(cams, size, sizes, bins):
     torch._check(cams.dim() == 3, lambda: "cams: expected a 3-D tensor")
     return cams.new_empty(cams.shape[0])
 
 
 @_register_fake("cam_to_boxes")
-def _cam_to_boxes_fake(fmaps, weight, labels, sizes, thresholds, bins):
+def _cam_to_boxes_fake(fmaps, weight, labels, size, sizes, threshold, thresholds, bins):
     torch._check(fmaps.dim() == 4, lambda: "fmaps: expected a 4-D tensor")
     return _boxes_fake(fmaps.shape[0], fmaps)
 

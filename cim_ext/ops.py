@@ -1,4 +1,8 @@
-"""Public operators of cim_ext: argument checking, then ``torch.ops.cim_ext``.
+"""Public operators of cim_ext: thin wrappers over ``torch.ops.cim_ext``.
+
+The wrappers only turn Python-level argument forms (a size pair or a tensor, a threshold float, tensor or "otsu")
+into the schemas' arguments; every tensor check (shape, dtype, device, values) is done once, in the kernels' host
+code (csrc/checks.h, csrc/cam_args.h), and no wrapper waits for the device.
 
 Box convention everywhere: int64 Tensor[B, 4] = (y0, y1, x0, x1), half-open, in pixels of the target image; an
 empty mask gives (0, 0, 0, 0). Autograd and fake (meta) kernels of the compiled ops are registered in
@@ -24,160 +28,60 @@ __all__ = [
     "uncompress",
     "soft_compress",
     "rational",
+    "check_errors",
     "down_size",
 ]
 
 down_size = reference.down_size
 
-_CPU_FLOATS = (torch.float32, torch.float64)
-_CUDA_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _fail(name, expected, got):
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
-def _check_float(name, tensor, ndim=None, *, autocast=False):
-    """A float tensor of a dtype the kernels take; with ``autocast`` (ops with an autocast kernel) also half
-    precision while autocast is on for its device, since the op then runs in float32."""
-    if not isinstance(tensor, torch.Tensor):
-        _fail(name, "a torch.Tensor", type(tensor).__name__)
-    allowed = _CUDA_FLOATS if tensor.is_cuda else _CPU_FLOATS
-    if autocast and torch.is_autocast_enabled(tensor.device.type):
-        allowed = tuple(dict.fromkeys(allowed + (torch.float16, torch.bfloat16)))
-    if tensor.dtype not in allowed:
-        _fail(name, f"dtype in {[str(d) for d in allowed]} on {tensor.device.type}", tensor.dtype)
-    if ndim is not None and tensor.dim() != ndim:
-        _fail(name, f"a {ndim}-D tensor", f"shape {tuple(tensor.shape)}")
+def _tensors(**named):
+    """TypeError naming the first argument that is not a tensor (the dispatcher's own message prints its value)."""
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_same_device(**tensors):
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n} on {d}' for n, d in devices.items())}")
+def _size_args(sizes):
+    """``sizes`` of the box ops -> the ops' (size, sizes) pair: a shared (H, W) or a per-sample tensor [B, 2].
+
+    Only the Python-level form is checked here; values, dtypes and shapes are checked by the kernels."""
+    if isinstance(sizes, torch.Tensor):
+        return None, sizes
+    try:
+        pair = [operator.index(v) for v in sizes]
+    except TypeError:
+        pair = None
+    if pair is None or len(pair) != 2:
+        _fail("sizes", "a pair of ints (H, W) or an integer tensor [B, 2]", repr(sizes))
+    return pair, None
 
 
-def _check_no_nan(name, tensor):
-    if tensor.numel() and bool(torch.isnan(tensor).any()):
-        raise ValueError(f"{name}: contains NaN")
+def _threshold_args(threshold):
+    """``threshold`` of the box ops -> the ops' (threshold, thresholds) pair: a float or a per-sample tensor."""
+    if isinstance(threshold, torch.Tensor):
+        return 0.0, threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        _fail("threshold", "a float, a float tensor [B] or 'otsu'", repr(threshold))
+    return float(threshold), None
 
 
-def _check_ratio(ratio):
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) or ratio < 1:
+def _check_int(name, value, lowest, highest):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lowest <= value <= highest:
+        _fail(name, f"an int in [{lowest}, {highest}]", repr(value))
+    return int(value)
+
+
+_MAX_BINS = 1 << 20  # the kernels' limit (csrc/cam_args.h): finer bins than float32 maps resolve only cost memory
+
+
+def _ratio(ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         _fail("ratio", "a finite real number >= 1", repr(ratio))
     return float(ratio)
-
-
-def _check_labels(labels, batch, classes, device):
-    if not isinstance(labels, torch.Tensor):
-        _fail("labels", "a torch.Tensor of integer class indices", type(labels).__name__)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        _fail("labels", "an integer tensor", labels.dtype)
-    if labels.shape != (batch,):
-        _fail("labels", f"shape ({batch},) (one label per sample)", f"shape {tuple(labels.shape)}")
-    if labels.device != device:
-        _fail("labels", f"a tensor on {device} like fmaps", labels.device)
-    if batch and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        _fail("labels", f"values in [0, {classes}) (rows of weight)", f"range [{int(labels.min())}, {int(labels.max())}]")
-    return labels.to(torch.int64)
-
-
-def _autocast_float32(*tensors):
-    """Whether autocast is on for the tensors' device with none of them float64: the ops' autocast kernels then run
-    them in float32 (like torchvision's roi_align), so mixed floating dtypes are fine."""
-    return (torch.is_autocast_enabled(tensors[0].device.type)
-            and all(t.dtype != torch.float64 for t in tensors))
-
-
-def _check_cam_inputs(fmaps, weight, labels):
-    _check_float("fmaps", fmaps, 4, autocast=True)
-    _check_float("weight", weight, 2, autocast=True)
-    _check_same_device(fmaps=fmaps, weight=weight)
-    if weight.dtype != fmaps.dtype and not _autocast_float32(fmaps, weight):
-        _fail("weight", f"dtype {fmaps.dtype} like fmaps (or both cast by autocast)", weight.dtype)
-    if weight.shape[1] != fmaps.shape[1]:
-        _fail("weight", f"shape [K, {fmaps.shape[1]}] (C of fmaps)", f"shape {tuple(weight.shape)}")
-    return _check_labels(labels, fmaps.shape[0], weight.shape[0], fmaps.device)
-
-
-def _sizes_tensor(sizes, batch, device):
-    """(H, W) or Tensor[B, 2] -> int64 Tensor[B, 2] on ``device``, checked positive."""
-    if isinstance(sizes, torch.Tensor):
-        if sizes.dtype.is_floating_point or sizes.dtype == torch.bool or sizes.shape != (batch, 2):
-            _fail("sizes", f"an integer tensor of shape ({batch}, 2) or a pair (H, W)", f"{sizes.dtype} {tuple(sizes.shape)}")
-        out = sizes.to(device=device, dtype=torch.int64)
-    else:
-        try:
-            pair = [_as_int(v) for v in sizes]
-        except TypeError:
-            pair = None
-        if pair is None or len(pair) != 2:
-            _fail("sizes", "a pair of ints (H, W) or an integer tensor [B, 2]", repr(sizes))
-        out = torch.tensor([pair], dtype=torch.int64, device=device).expand(batch, 2).contiguous()
-    if batch and int(out.min()) < 1:
-        _fail("sizes", "positive heights and widths", f"minimum {int(out.min())}")
-    return out
-
-
-def _as_int(value):
-    """``int(value)`` for genuine integers (Python ints or 0-d integer tensors); TypeError otherwise."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() or value.dtype.is_floating_point:
-            raise TypeError("not an integer")
-        return int(value)
-    return operator.index(value)
-
-
-def _thresholds_tensor(threshold, batch, dtype, device):
-    if isinstance(threshold, torch.Tensor):
-        if not threshold.dtype.is_floating_point or threshold.shape not in ((batch,), ()):
-            _fail("threshold", f"a float or a float tensor of shape ({batch},)", f"{threshold.dtype} {tuple(threshold.shape)}")
-        _check_no_nan("threshold", threshold)
-        return threshold.to(device=device, dtype=dtype).expand(batch).contiguous()
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
-        _fail("threshold", "a float, a float tensor [B] or 'otsu'", repr(threshold))
-    return torch.full((batch,), float(threshold), dtype=dtype, device=device)
-
-
-_MAX_BINS = 1 << 20  # the kernels' limit: finer bins than float32 maps can resolve would only cost memory
-
-
-def _check_bins(bins):
-    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or not 2 <= bins <= _MAX_BINS:
-        _fail("bins", f"an int in [2, {_MAX_BINS}]", repr(bins))
-    return int(bins)
-
-
-def _check_cams(cams, batch=None, *, autocast=False):
-    _check_float("cams", cams, 3, autocast=autocast)
-    if batch is not None and cams.shape[0] != batch:
-        _fail("cams", f"batch size {batch} like images", cams.shape[0])
-    if cams.shape[1] < 1 or cams.shape[2] < 1:
-        _fail("cams", "maps of at least 1x1", f"shape {tuple(cams.shape)}")
-    _check_no_nan("cams", cams)
-
-
-def _check_images(images, allow_uint8, *, autocast=False):
-    if not isinstance(images, torch.Tensor):
-        _fail("images", "a torch.Tensor", type(images).__name__)
-    if not (allow_uint8 and images.dtype == torch.uint8):
-        _check_float("images", images, autocast=autocast)
-    if images.dim() != 4:
-        _fail("images", "a 4-D tensor [B, C, H, W]", f"shape {tuple(images.shape)}")
-
-
-def _check_boxes(boxes, batch, height, width, device):
-    if not isinstance(boxes, torch.Tensor) or boxes.dtype != torch.int64 or boxes.shape != (batch, 4):
-        got = f"{boxes.dtype} {tuple(boxes.shape)}" if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        _fail("boxes", f"an int64 tensor of shape ({batch}, 4) = (y0, y1, x0, x1)", got)
-    if boxes.device != device:
-        _fail("boxes", f"a tensor on {device} like images", boxes.device)
-    if batch:
-        y0, y1, x0, x1 = boxes.unbind(1)
-        bad = (y0 < 0) | (y1 < y0) | (y1 > height) | (x0 < 0) | (x1 < x0) | (x1 > width)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0])
-            _fail("boxes", f"0 <= y0 <= y1 <= {height} and 0 <= x0 <= x1 <= {width}", f"{boxes[row].tolist()} at row {row}")
 
 
 def cam(fmaps, weight, labels, normalize=True):
@@ -185,14 +89,18 @@ def cam(fmaps, weight, labels, normalize=True):
 
     Args:
         fmaps (Tensor[B, C, h, w]): last feature maps, float.
-        weight (Tensor[K, C]): classifier weight, same dtype and device.
+        weight (Tensor[K, C]): classifier weight, same dtype (any float dtypes under autocast, which computes in
+            float32) and device.
         labels (Tensor[B]): integer class of each sample, in [0, K).
         normalize (bool): min-max scale each map to [0, 1]; a constant map becomes all zeros.
 
     Returns:
         Tensor[B, h, w]: ``sum_c weight[labels[b], c] * fmaps[b, c]``. Differentiable in fmaps and weight.
+
+    Bad labels raise ValueError; on CUDA they are found by the kernel and raised at the next cim_ext call (or
+    :func:`check_errors`), so no call waits for the device.
     """
-    labels = _check_cam_inputs(fmaps, weight, labels)
+    _tensors(fmaps=fmaps, weight=weight, labels=labels)
     return torch.ops.cim_ext.cam(fmaps, weight, labels, bool(normalize))
 
 
@@ -201,17 +109,16 @@ def cam_boxes(cams, sizes, threshold):
 
     Args:
         cams (Tensor[B, h, w]): maps, float, no NaN.
-        sizes ((H, W) or Tensor[B, 2]): target size, shared or per sample.
+        sizes ((H, W) or Tensor[B, 2]): target size, shared or per sample (int64).
         threshold (float or Tensor[B]): a pixel is in the mask when its upsampled value is > threshold.
 
     Returns:
         Tensor[B, 4] int64: (y0, y1, x0, x1), half-open; (0, 0, 0, 0) for an empty mask.
     """
-    _check_cams(cams)
-    batch = cams.shape[0]
-    sizes = _sizes_tensor(sizes, batch, cams.device)
-    thresholds = _thresholds_tensor(threshold, batch, cams.dtype, cams.device)
-    return torch.ops.cim_ext.cam_boxes(cams, sizes, thresholds)
+    _tensors(cams=cams)
+    size, per_sample = _size_args(sizes)
+    value, thresholds = _threshold_args(threshold)
+    return torch.ops.cim_ext.cam_boxes(cams, size, per_sample, value, thresholds)
 
 
 def otsu_threshold(cams, sizes, bins=256):
@@ -219,15 +126,15 @@ def otsu_threshold(cams, sizes, bins=256):
 
     Args:
         cams (Tensor[B, h, w]): maps in [0, 1], float, no NaN.
-        sizes ((H, W) or Tensor[B, 2]): upsampling size, shared or per sample.
+        sizes ((H, W) or Tensor[B, 2]): upsampling size, shared or per sample (int64).
         bins (int): histogram bins, >= 2.
 
     Returns:
         Tensor[B] (dtype of cams): ``(k + 1) / bins`` with k the Otsu split (see :func:`cim_ext.reference.otsu_threshold`).
     """
-    _check_cams(cams)
-    sizes = _sizes_tensor(sizes, cams.shape[0], cams.device)
-    return torch.ops.cim_ext.otsu_threshold(cams, sizes, _check_bins(bins))
+    _tensors(cams=cams)
+    size, per_sample = _size_args(sizes)
+    return torch.ops.cim_ext.otsu_threshold(cams, size, per_sample, _check_int("bins", bins, 2, _MAX_BINS))
 
 
 def cam_to_boxes(fmaps, weight, labels, sizes, threshold, bins=256):
@@ -242,21 +149,15 @@ def cam_to_boxes(fmaps, weight, labels, sizes, threshold, bins=256):
     Returns:
         Tensor[B, 4] int64 boxes, equal to ``cam_boxes(cam(fmaps, weight, labels), sizes, threshold)``.
     """
-    labels = _check_cam_inputs(fmaps, weight, labels)
-    batch = fmaps.shape[0]
-    if fmaps.shape[2] < 1 or fmaps.shape[3] < 1:
-        _fail("fmaps", "maps of at least 1x1", f"shape {tuple(fmaps.shape)}")
-    sizes = _sizes_tensor(sizes, batch, fmaps.device)
+    _tensors(fmaps=fmaps, weight=weight, labels=labels)
+    size, per_sample = _size_args(sizes)
     if isinstance(threshold, str):
         if threshold != "otsu":
             _fail("threshold", "a float, a float tensor [B] or 'otsu'", repr(threshold))
-        thresholds = fmaps.new_zeros(batch)
-        bins = _check_bins(bins)
+        value, thresholds, bins = 0.0, None, _check_int("bins", bins, 2, _MAX_BINS)
     else:
-        dtype = torch.float32 if _autocast_float32(fmaps, weight) else fmaps.dtype
-        thresholds = _thresholds_tensor(threshold, batch, dtype, fmaps.device)
-        bins = 0
-    return torch.ops.cim_ext.cam_to_boxes(fmaps, weight, labels, sizes, thresholds, bins)
+        (value, thresholds), bins = _threshold_args(threshold), 0
+    return torch.ops.cim_ext.cam_to_boxes(fmaps, weight, labels, size, per_sample, value, thresholds, bins)
 
 
 def _tensor_arg(name, value):
@@ -371,12 +272,17 @@ def soft_compress(images, cams, ratio):
     Returns:
         Tensor[B, C, H, W]. Differentiable (to any order) in images and cams.
     """
-    _check_images(images, allow_uint8=False, autocast=True)
-    _check_cams(cams, images.shape[0], autocast=True)
-    _check_same_device(images=images, cams=cams)
-    if cams.dtype != images.dtype and not _autocast_float32(images, cams):
-        _fail("cams", f"dtype {images.dtype} like images (or both cast by autocast)", cams.dtype)
-    return torch.ops.cim_ext.soft_compress(images, cams, _check_ratio(ratio))
+    _tensors(images=images, cams=cams)
+    return torch.ops.cim_ext.soft_compress(images, cams, _ratio(ratio))
+
+
+def check_errors():
+    """Wait for the device and raise the first bad argument value a CUDA kernel met since the last report.
+
+    CUDA kernels check values (labels, sizes, boxes) themselves instead of making the host wait before each launch;
+    an error surfaces as a ValueError at the next cim_ext call on CUDA, or here. A no-op without CUDA.
+    """
+    torch.ops.cim_ext._raise_deferred_errors(True)
 
 
 # The kernels keep the coefficients in registers (csrc/*/rational_kernel.*: kMaxCoefficients).

@@ -423,18 +423,39 @@ def test_cam_to_boxes_cuda_large_maps_and_bins(device):
 @pytest.mark.parametrize("device", CUDA)
 def test_boxes_mixed_devices(device):
     cams = torch.rand(2, 3, 3, device=device)
-    # Sizes and thresholds given on the CPU are moved by the wrappers; the ops themselves refuse them.
-    moved = cim_ext.cam_boxes(cams, torch.tensor([[4, 4], [5, 5]]), torch.tensor([0.5, 0.5]))
-    assert moved.device == cams.device
-    assert moved[0].tolist() == cim_ext.cam_boxes(cams[:1], (4, 4), 0.5)[0].tolist()
-    assert moved[1].tolist() == cim_ext.cam_boxes(cams[1:], (5, 5), 0.5)[0].tolist()
-    with pytest.raises(RuntimeError, match="sizes"):
-        torch.ops.cim_ext.cam_boxes(cams, torch.tensor([[4, 4], [5, 5]]), torch.full((2,), 0.5, device=device))
-    with pytest.raises(RuntimeError, match="thresholds"):
-        torch.ops.cim_ext.cam_boxes(cams, torch.tensor([[4, 4], [5, 5]], device=device), torch.full((2,), 0.5))
+    # No host-to-device copy in the call path: per-sample sizes and thresholds must be on the maps' device.
+    sizes = torch.tensor([[4, 4], [5, 5]], device=device)
+    on_device = cim_ext.cam_boxes(cams, sizes, torch.tensor([0.5, 0.5], device=device))
+    assert on_device[0].tolist() == cim_ext.cam_boxes(cams[:1], (4, 4), 0.5)[0].tolist()
+    assert on_device[1].tolist() == cim_ext.cam_boxes(cams[1:], (5, 5), 0.5)[0].tolist()
+    with pytest.raises(ValueError, match="sizes"):
+        cim_ext.cam_boxes(cams, sizes.cpu(), 0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        cim_ext.cam_boxes(cams, sizes, torch.full((2,), 0.5))
     fmaps, weight, labels = make_cam_inputs(2, 3, 4, 4, 2)
     with pytest.raises(ValueError, match="weight"):
         cim_ext.cam_to_boxes(fmaps.to(device), weight, labels.to(device), (8, 8), 0.5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_boxes_every_kernel_path(device, dtype):
+    """The CUDA box scan splits each sample over several blocks, with the column taps in shared memory when they fit
+    and the CAM in shared memory when it fits: images shorter than the number of slices, wider than the tap table,
+    per-sample sizes and large feature maps all match the reference exactly."""
+    cases = [((3, 8, 7, 7), [(2, 3000), (1, 1), (3, 2)]), ((2, 4, 60, 50), [(224, 224), (5, 400)])]
+    for shape, sizes in cases:
+        fmaps, weight, labels = make_cam_inputs(*shape, 5, dtype=dtype, device=device, seed=shape[2])
+        per_sample = torch.tensor(sizes, device=device)
+        for threshold in (0.6, "otsu"):
+            expected = reference.cam_to_boxes(fmaps, weight, labels, per_sample, threshold)
+            got = cim_ext.cam_to_boxes(fmaps, weight, labels, per_sample, threshold)
+            assert torch.equal(got, expected), (shape, threshold)
+            for b, size in enumerate(sizes):
+                one = cim_ext.cam_to_boxes(fmaps[b:b + 1], weight, labels[b:b + 1], size, threshold)
+                assert torch.equal(one[0], expected[b]), (shape, size, threshold)
+        cams = cim_ext.cam(fmaps, weight, labels)
+        assert torch.equal(cim_ext.cam_boxes(cams, per_sample, 0.6), reference.cam_boxes(cams, per_sample, 0.6))
 
 
 # -------------------------------------------------------------------------------------- registration and compile
@@ -444,15 +465,18 @@ def test_boxes_opcheck(device):
     cams = random_cams((3, 5, 4), torch.float32, device, gen)
     sizes = random_sizes(3, gen).to(device)
     thresholds = torch.tensor([0.3, 0.5, 0.7], device=device)
-    torch.library.opcheck(torch.ops.cim_ext.cam_boxes.default, (cams, sizes, thresholds))
-    torch.library.opcheck(torch.ops.cim_ext.otsu_threshold.default, (cams, sizes, 16))
+    ops = torch.ops.cim_ext
     fmaps, weight, labels = make_cam_inputs(3, 4, 5, 4, 3, dtype=torch.float32, device=device)
     for requires_grad in [False, True]:
         fmaps.requires_grad_(requires_grad)
         cams.requires_grad_(requires_grad)
-        torch.library.opcheck(torch.ops.cim_ext.cam_boxes.default, (cams, sizes, thresholds))
-        torch.library.opcheck(torch.ops.cim_ext.cam_to_boxes.default, (fmaps, weight, labels, sizes, thresholds, 0))
-        torch.library.opcheck(torch.ops.cim_ext.cam_to_boxes.default, (fmaps, weight, labels, sizes, thresholds, 64))
+        for size, per_sample in [(None, sizes), ([37, 23], None)]:
+            torch.library.opcheck(ops.cam_boxes.default, (cams, size, per_sample, 0.0, thresholds))
+            torch.library.opcheck(ops.cam_boxes.default, (cams, size, per_sample, 0.6, None))
+            torch.library.opcheck(ops.otsu_threshold.default, (cams, size, per_sample, 16))
+            for threshold, per_sample_thresholds, bins in [(0.0, thresholds, 0), (0.6, None, 0), (0.0, None, 64)]:
+                torch.library.opcheck(ops.cam_to_boxes.default, (fmaps, weight, labels, size, per_sample, threshold,
+                                                                 per_sample_thresholds, bins))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -463,12 +487,14 @@ def test_boxes_torch_compile(device, backend):
     thresholds = torch.full((4,), 0.5, device=device)
 
     def boxes(f, w):
-        cams = torch.ops.cim_ext.cam(f, w, labels, True)
-        otsu = torch.ops.cim_ext.otsu_threshold(cams, sizes, 64)
+        cams = cim_ext.cam(f, w, labels)
+        otsu = cim_ext.otsu_threshold(cams, sizes, 64)
         return (
-            torch.ops.cim_ext.cam_boxes(cams, sizes, otsu),
-            torch.ops.cim_ext.cam_to_boxes(f, w, labels, sizes, thresholds, 0),
-            torch.ops.cim_ext.cam_to_boxes(f, w, labels, sizes, thresholds, 64),
+            cim_ext.cam_boxes(cams, sizes, otsu),
+            cim_ext.cam_boxes(cams, (31, 17), 0.6),
+            cim_ext.cam_to_boxes(f, w, labels, sizes, thresholds),
+            cim_ext.cam_to_boxes(f, w, labels, (31, 17), 0.6),
+            cim_ext.cam_to_boxes(f, w, labels, sizes, "otsu", 64),
         )
 
     compiled = torch.compile(boxes, backend=backend, fullgraph=True)
@@ -528,25 +554,32 @@ def test_boxes_op_bad_input_names_argument():
     fmaps, weight, labels = make_cam_inputs(2, 3, 4, 4, 2, dtype=torch.float32)
     ops = torch.ops.cim_ext
     cases = [
-        (ops.cam_boxes, (cams[0], sizes, thresholds), "cams"),
-        (ops.cam_boxes, (cams.int(), sizes, thresholds), "cams"),
-        (ops.cam_boxes, (cams, sizes[:1], thresholds), "sizes"),
-        (ops.cam_boxes, (cams, sizes.int(), thresholds), "sizes"),
-        (ops.cam_boxes, (cams, -sizes, thresholds), "sizes"),
-        (ops.cam_boxes, (cams, sizes, thresholds.double()), "thresholds"),
-        (ops.cam_boxes, (cams, sizes, thresholds[:1]), "thresholds"),
-        (ops.otsu_threshold, (cams, sizes, 0), "bins"),
-        (ops.otsu_threshold, (cams, sizes, 1 << 30), "bins"),
-        (ops.otsu_threshold, (cams, sizes.float(), 8), "sizes"),
-        (ops.cam_to_boxes, (fmaps, weight, labels + 2, sizes, thresholds, 0), "labels"),
-        (ops.cam_to_boxes, (fmaps, weight.double(), labels, sizes, thresholds, 0), "weight"),
-        (ops.cam_to_boxes, (fmaps, weight, labels, sizes[:1], thresholds, 0), "sizes"),
-        (ops.cam_to_boxes, (fmaps, weight, labels, sizes, thresholds[:1], 0), "thresholds"),
-        (ops.cam_to_boxes, (fmaps[:, :, :0], weight, labels, sizes, thresholds, 0), "fmaps"),
+        (ops.cam_boxes, (cams[0], None, sizes, 0.0, thresholds), "cams"),
+        (ops.cam_boxes, (cams.int(), None, sizes, 0.0, thresholds), "cams"),
+        (ops.cam_boxes, (cams, None, sizes[:1], 0.0, thresholds), "sizes"),
+        (ops.cam_boxes, (cams, None, sizes.int(), 0.0, thresholds), "sizes"),
+        (ops.cam_boxes, (cams, None, -sizes, 0.0, thresholds), "sizes"),
+        (ops.cam_boxes, (cams, None, None, 0.5, None), "sizes"),
+        (ops.cam_boxes, (cams, [4, 4], sizes, 0.5, None), "sizes"),
+        (ops.cam_boxes, (cams, [4, 4, 4], None, 0.5, None), "sizes"),
+        (ops.cam_boxes, (cams, [4, 0], None, 0.5, None), "sizes"),
+        (ops.cam_boxes, (cams, [4, 4], None, float("nan"), None), "threshold"),
+        (ops.cam_boxes, (cams, None, sizes, 0.0, thresholds[:1]), "threshold"),
+        (ops.cam_boxes, (cams, None, sizes, 0.0, sizes[0]), "threshold"),
+        (ops.otsu_threshold, (cams, None, sizes, 0), "bins"),
+        (ops.otsu_threshold, (cams, None, sizes, 1 << 30), "bins"),
+        (ops.otsu_threshold, (cams, None, sizes.float(), 8), "sizes"),
+        (ops.cam_to_boxes, (fmaps, weight, labels + 2, None, sizes, 0.0, thresholds, 0), "labels"),
+        (ops.cam_to_boxes, (fmaps, weight.double(), labels, None, sizes, 0.0, thresholds, 0), "weight"),
+        (ops.cam_to_boxes, (fmaps, weight, labels, None, sizes[:1], 0.0, thresholds, 0), "sizes"),
+        (ops.cam_to_boxes, (fmaps, weight, labels, None, sizes, 0.0, thresholds[:1], 0), "threshold"),
+        (ops.cam_to_boxes, (fmaps, weight, labels, [8, 8], None, 0.5, None, 1), "bins"),
+        (ops.cam_to_boxes, (fmaps[:, :, :0], weight, labels, None, sizes, 0.0, thresholds, 0), "fmaps"),
     ]
     for op, args, name in cases:
-        with pytest.raises(RuntimeError, match=name):
+        with pytest.raises(ValueError, match=name):
             op(*args)
+
 
 
 def _check_boxes(boxes, batch, sizes):
@@ -598,8 +631,8 @@ def test_cam_pipeline_inductor():
 
     def pipeline(f, w):
         cams = torch.ops.cim_ext.cam(f, w, labels, True)
-        otsu = torch.ops.cim_ext.otsu_threshold(cams * 0.5 + 0.25, sizes, 64)
-        return cams.square().sum(), torch.ops.cim_ext.cam_to_boxes(f, w, labels, sizes, otsu, 0)
+        otsu = cim_ext.otsu_threshold(cams * 0.5 + 0.25, sizes, 64)
+        return cams.square().sum(), cim_ext.cam_to_boxes(f, w, labels, sizes, otsu)
 
     compiled = torch.compile(pipeline, backend="inductor", fullgraph=True)
     f1, w1 = fmaps.clone().requires_grad_(True), weight.clone().requires_grad_(True)

@@ -341,7 +341,7 @@ def test_compiled_op_checks_its_arguments():
         (lambda: ops._soft_compress_backward(images.double(), images, cams, 4.0, True, True), "grad"),
     ]
     for call, name in cases:
-        with pytest.raises(RuntimeError, match=name):
+        with pytest.raises(ValueError, match=name):
             call()
 
 

@@ -13,44 +13,6 @@
 namespace cim_ext {
 namespace cam_cpu {
 
-// fmaps as the kernels read them: NCHW-contiguous, or NHWC-contiguous (channels_last) left as it is.
-struct FmapsLayout {
-  at::Tensor fmaps;
-  bool channels_last;
-};
-
-inline FmapsLayout fmaps_layout(const at::Tensor& fmaps) {
-  if (!fmaps.is_contiguous() && fmaps.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return {fmaps, true};
-  }
-  return {fmaps.contiguous(), false};
-}
-
-// Checks shared by the kernels that take (fmaps, weight, labels); `op` names the operator in messages.
-inline void check_cam_inputs(const char* op, const at::Tensor& fmaps, const at::Tensor& weight,
-                             const at::Tensor& labels) {
-  TORCH_CHECK(fmaps.dim() == 4, op, ": fmaps must be a 4-D tensor [B, C, h, w], got shape ", fmaps.sizes());
-  TORCH_CHECK(fmaps.scalar_type() == at::kFloat || fmaps.scalar_type() == at::kDouble, op,
-              ": fmaps must be float32 or float64 on CPU, got ", fmaps.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == fmaps.size(1), op, ": weight must be [K, ", fmaps.size(1),
-              "] (C of fmaps), got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == fmaps.scalar_type(), op, ": weight must have the dtype of fmaps (",
-              fmaps.scalar_type(), "), got ", weight.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == fmaps.size(0), op, ": labels must be [B] with B = ",
-              fmaps.size(0), ", got shape ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(fmaps.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu(), op,
-              ": fmaps, weight and labels must all be on the CPU, got ", fmaps.device(), ", ", weight.device(),
-              ", ", labels.device());
-  const auto flat = labels.contiguous();
-  const int64_t* lab = flat.data_ptr<int64_t>();
-  const int64_t classes = weight.size(0);
-  for (int64_t b = 0; b < flat.numel(); ++b) {
-    TORCH_CHECK(lab[b] >= 0 && lab[b] < classes, op, ": labels must be in [0, ", classes, ") (rows of weight), got ",
-                lab[b], " at index ", b);
-  }
-}
-
 // sum_p a[p] * b[p] with eight fixed partial sums (vectorisable without reassociating a single chain).
 template <typename scalar_t>
 scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {

@@ -6,6 +6,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cam_args.h"
 #include "cpu/cam_common.h"
 
 namespace cim_ext {
@@ -25,13 +26,12 @@ void cam_kernel_impl(const scalar_t* fmaps, const scalar_t* weight, const int64_
 }
 
 at::Tensor cam_forward_cpu(const at::Tensor& fmaps, const at::Tensor& weight, const at::Tensor& labels, bool normalize) {
-  cam_cpu::check_cam_inputs("cam", fmaps, weight, labels);
+  const auto labels_c = checked_labels(fmaps, weight, labels);
   const int64_t batch = fmaps.size(0), channels = fmaps.size(1), height = fmaps.size(2), width = fmaps.size(3);
   auto out = at::empty({batch, height, width}, fmaps.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  const auto layout = cam_cpu::fmaps_layout(fmaps);
+  const auto layout = fmaps_layout(fmaps);
   const auto weight_c = weight.contiguous();
-  const auto labels_c = labels.contiguous();
   AT_DISPATCH_FLOATING_TYPES(fmaps.scalar_type(), "cam_cpu", [&] {
     cam_kernel_impl<scalar_t>(layout.fmaps.data_ptr<scalar_t>(), weight_c.data_ptr<scalar_t>(),
                               labels_c.data_ptr<int64_t>(), batch, channels, height * width, layout.channels_last,
@@ -126,21 +126,16 @@ void cam_backward_impl(const scalar_t* grad, const scalar_t* fmaps, const scalar
 std::tuple<at::Tensor, at::Tensor> cam_backward_cpu(const at::Tensor& grad, const at::Tensor& fmaps,
                                                     const at::Tensor& weight, const at::Tensor& labels,
                                                     bool normalize, bool need_fmaps, bool need_weight) {
-  cam_cpu::check_cam_inputs("_cam_backward", fmaps, weight, labels);
+  const auto labels_c = checked_labels(fmaps, weight, labels);
+  check_cam_grad(grad, fmaps);
   const int64_t batch = fmaps.size(0), channels = fmaps.size(1), height = fmaps.size(2), width = fmaps.size(3);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == batch && grad.size(1) == height && grad.size(2) == width,
-              "_cam_backward: grad must be [", batch, ", ", height, ", ", width, "], got shape ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == fmaps.scalar_type() && grad.device().is_cpu(),
-              "_cam_backward: grad must be a CPU tensor of dtype ", fmaps.scalar_type(), ", got ", grad.scalar_type(),
-              " on ", grad.device());
   auto grad_fmaps = need_fmaps ? at::empty(fmaps.sizes(), fmaps.options().memory_format(at::MemoryFormat::Contiguous))
                                : fmaps.new_empty({0});
   auto grad_weight = need_weight ? at::zeros(weight.sizes(), weight.options()) : weight.new_empty({0});
   const int64_t pixels = height * width;
   if ((!need_fmaps && !need_weight) || batch * channels * pixels == 0) return {grad_fmaps, grad_weight};
-  const auto layout = cam_cpu::fmaps_layout(fmaps);
+  const auto layout = fmaps_layout(fmaps);
   const auto weight_c = weight.contiguous();
-  const auto labels_c = labels.contiguous();
   const auto grad_c = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES(fmaps.scalar_type(), "cam_backward_cpu", [&] {
     cam_backward_impl<scalar_t>(grad_c.data_ptr<scalar_t>(), layout.fmaps.data_ptr<scalar_t>(),

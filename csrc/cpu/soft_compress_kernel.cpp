@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cam_args.h"
 #include "cpu/resample.h"
 
 // The forward must round like the reference's separate eager ops: no contraction of a * b + c into an FMA where a
@@ -172,24 +173,6 @@ class CamUpsampler {
   int64_t cached_sample_ = -1;
   std::vector<scalar_t> xrows_;
 };
-
-void check_inputs(const at::Tensor& images, const at::Tensor& cams, double ratio, const char* op) {
-  TORCH_CHECK(images.dim() == 4, op, ": images must be a 4-D tensor [B, C, H, W], got shape ", images.sizes());
-  TORCH_CHECK(
-      images.scalar_type() == at::kFloat || images.scalar_type() == at::kDouble,
-      op, ": images must be float32 or float64 on CPU, got ", images.scalar_type());
-  TORCH_CHECK(cams.dim() == 3, op, ": cams must be a 3-D tensor [B, h, w], got shape ", cams.sizes());
-  TORCH_CHECK(
-      cams.scalar_type() == images.scalar_type(), op, ": cams must have the dtype of images (",
-      images.scalar_type(), "), got ", cams.scalar_type());
-  TORCH_CHECK(cams.device().is_cpu(), op, ": cams must be on the CPU like images, got ", cams.device());
-  TORCH_CHECK(
-      cams.size(0) == images.size(0), op, ": cams must have batch size ", images.size(0), " like images, got ",
-      cams.size(0));
-  TORCH_CHECK(
-      cams.size(1) >= 1 && cams.size(2) >= 1, op, ": cams must be maps of at least 1x1, got shape ", cams.sizes());
-  TORCH_CHECK(std::isfinite(ratio) && ratio >= 1.0, op, ": ratio must be a finite number >= 1, got ", ratio);
-}
 
 Geometry geometry_of(const at::Tensor& images, const at::Tensor& cams) {
   return {images.size(0), images.size(1), images.size(2), images.size(3), cams.size(1), cams.size(2)};
@@ -365,7 +348,7 @@ void grad_cams_impl(
 }
 
 at::Tensor soft_compress_cpu(const at::Tensor& images, const at::Tensor& cams, double ratio) {
-  check_inputs(images, cams, ratio, "soft_compress");
+  check_soft_compress_inputs(images, cams, ratio);
   auto output = at::empty(images.sizes(), images.options().memory_format(at::MemoryFormat::Contiguous));
   if (output.numel() == 0) {
     return output;
@@ -385,11 +368,7 @@ at::Tensor soft_compress_cpu(const at::Tensor& images, const at::Tensor& cams, d
 std::tuple<at::Tensor, at::Tensor> soft_compress_backward_cpu(
     const at::Tensor& grad, const at::Tensor& images, const at::Tensor& cams, double ratio, bool need_images,
     bool need_cams) {
-  check_inputs(images, cams, ratio, "_soft_compress_backward");
-  TORCH_CHECK(
-      grad.sizes() == images.sizes() && grad.scalar_type() == images.scalar_type() && grad.device().is_cpu(),
-      "_soft_compress_backward: grad must be a CPU ", images.scalar_type(), " tensor of shape ", images.sizes(),
-      ", got ", grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+  check_soft_compress_inputs(images, cams, ratio, grad);
   auto grad_images = need_images ? at::empty(images.sizes(), images.options().memory_format(at::MemoryFormat::Contiguous))
                                  : images.new_empty({0});
   auto grad_cams = need_cams ? at::zeros(cams.sizes(), cams.options()) : cams.new_empty({0});

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "cam_args.h"
+#include "cuda/deferred_errors.cuh"
 #include "cuda/helpers.cuh"
 
 namespace cim_ext {
@@ -25,37 +27,12 @@ constexpr int64_t kSharedMapBytes = 8192;
 // Histograms up to this many bins live in shared memory; larger ones go to a global scratch buffer.
 constexpr int64_t kSharedBins = 4096;
 
-// Host-side checks shared by the kernels that take (fmaps, weight, labels); `op` names the operator. Label values
-// are checked in the kernels (CUDA_KERNEL_ASSERT) to avoid a device sync; cim_ext.ops checks them up front.
-inline void check_cam_inputs(const char* op, const at::Tensor& fmaps, const at::Tensor& weight,
-                             const at::Tensor& labels) {
-  TORCH_CHECK(fmaps.dim() == 4, op, ": fmaps must be a 4-D tensor [B, C, h, w], got shape ", fmaps.sizes());
-  const auto dtype = fmaps.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": fmaps must be float32, float64, float16 or bfloat16 on CUDA, got ", dtype);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == fmaps.size(1), op, ": weight must be [K, ", fmaps.size(1),
-              "] (C of fmaps), got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == dtype, op, ": weight must have the dtype of fmaps (", dtype, "), got ",
-              weight.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == fmaps.size(0), op, ": labels must be [B] with B = ",
-              fmaps.size(0), ", got shape ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(fmaps.is_cuda() && weight.device() == fmaps.device() && labels.device() == fmaps.device(), op,
-              ": fmaps, weight and labels must be on one CUDA device, got ", fmaps.device(), ", ", weight.device(),
-              ", ", labels.device());
-}
-
-// fmaps as the kernels read them: NCHW-contiguous, or NHWC-contiguous (channels_last) left as it is.
-struct FmapsLayout {
-  at::Tensor fmaps;
-  bool channels_last;
-};
-
-inline FmapsLayout fmaps_layout(const at::Tensor& fmaps) {
-  if (!fmaps.is_contiguous() && fmaps.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return {fmaps, true};
-  }
-  return {fmaps.contiguous(), false};
+// Whether a sample's label indexes a row of the weight; the first bad one is recorded as a deferred error.
+__device__ inline bool label_ok(int64_t label, int64_t classes, int64_t b, deferred::Op op,
+                                deferred::Report* errors) {
+  if (label >= 0 && label < classes) return true;
+  if (threadIdx.x == 0) deferred::record(errors, deferred::kLabel, op, b, label, classes);
+  return false;
 }
 
 struct Min {

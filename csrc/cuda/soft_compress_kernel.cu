@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "cam_args.h"
+#include "cuda/deferred_errors.cuh"
 #include "cpu/resample.h"
 #include "cuda/helpers.cuh"
 
@@ -207,31 +209,13 @@ __global__ void grad_cams_kernel(const acc_t* __restrict__ map, scalar_t* __rest
   }
 }
 
-void check_inputs(const at::Tensor& images, const at::Tensor& cams, double ratio, const char* op) {
-  TORCH_CHECK(images.is_cuda(), op, ": images must be a CUDA tensor, got ", images.device());
-  TORCH_CHECK(images.dim() == 4, op, ": images must be a 4-D tensor [B, C, H, W], got shape ", images.sizes());
-  const auto dtype = images.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      op, ": images must be float32, float64, float16 or bfloat16 on CUDA, got ", dtype);
-  TORCH_CHECK(cams.dim() == 3, op, ": cams must be a 3-D tensor [B, h, w], got shape ", cams.sizes());
-  TORCH_CHECK(
-      cams.scalar_type() == dtype, op, ": cams must have the dtype of images (", dtype, "), got ", cams.scalar_type());
-  TORCH_CHECK(cams.device() == images.device(), op, ": cams must be on ", images.device(), " like images, got ", cams.device());
-  TORCH_CHECK(
-      cams.size(0) == images.size(0), op, ": cams must have batch size ", images.size(0), " like images, got ",
-      cams.size(0));
-  TORCH_CHECK(
-      cams.size(1) >= 1 && cams.size(2) >= 1, op, ": cams must be maps of at least 1x1, got shape ", cams.sizes());
-  TORCH_CHECK(std::isfinite(ratio) && ratio >= 1.0, op, ": ratio must be a finite number >= 1, got ", ratio);
-}
-
 Geometry geometry_of(const at::Tensor& images, const at::Tensor& cams) {
   return {images.size(0), images.size(1), images.size(2), images.size(3), cams.size(1), cams.size(2)};
 }
 
 at::Tensor soft_compress_cuda(const at::Tensor& images, const at::Tensor& cams, double ratio) {
-  check_inputs(images, cams, ratio, "soft_compress");
+  deferred::raise_deferred_errors();
+  check_soft_compress_inputs(images, cams, ratio);
   c10::cuda::CUDAGuard guard(images.device());
   auto output = at::empty(images.sizes(), images.options().memory_format(at::MemoryFormat::Contiguous));
   if (output.numel() == 0) {
@@ -256,11 +240,8 @@ at::Tensor soft_compress_cuda(const at::Tensor& images, const at::Tensor& cams, 
 std::tuple<at::Tensor, at::Tensor> soft_compress_backward_cuda(
     const at::Tensor& grad, const at::Tensor& images, const at::Tensor& cams, double ratio, bool need_images,
     bool need_cams) {
-  check_inputs(images, cams, ratio, "_soft_compress_backward");
-  TORCH_CHECK(
-      grad.sizes() == images.sizes() && grad.scalar_type() == images.scalar_type() && grad.device() == images.device(),
-      "_soft_compress_backward: grad must be a ", images.scalar_type(), " tensor of shape ", images.sizes(), " on ",
-      images.device(), ", got ", grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+  deferred::raise_deferred_errors();
+  check_soft_compress_inputs(images, cams, ratio, grad);
   c10::cuda::CUDAGuard guard(images.device());
   auto grad_images = need_images ? at::empty(images.sizes(), images.options().memory_format(at::MemoryFormat::Contiguous))
                                  : images.new_empty({0});
