@@ -160,13 +160,6 @@ def cam_to_boxes(fmaps, weight, labels, sizes, threshold, bins=256):
     return torch.ops.cim_ext.cam_to_boxes(fmaps, weight, labels, size, per_sample, value, thresholds, bins)
 
 
-def _tensor_arg(name, value):
-    """The Python-side check of a compress / uncompress tensor argument: its type (the kernels check the rest)."""
-    if not isinstance(value, torch.Tensor):
-        _fail(name, "a torch.Tensor", type(value).__name__)
-    return value
-
-
 def compress(images, boxes, ratio):
     """Compress images outside their boxes: nearest-exact down by sqrt(ratio) per side and back up.
 
@@ -178,31 +171,39 @@ def compress(images, boxes, ratio):
     Returns:
         Tensor[B, C, H, W]: bit-exact equal to :func:`cim_ext.reference.compress`; channels-last when ``images`` is.
 
-    The kernels check every argument without reading device data. On CUDA, boxes outside the image are clamped
-    into it instead of raising (checking them would wait for the GPU).
+    Boxes outside the image raise ValueError; on CUDA the kernel clamps them into the image and the error is raised
+    at the next cim_ext call (or :func:`check_errors`), so no call waits for the device.
     """
-    return torch.ops.cim_ext.compress(_tensor_arg("images", images), _tensor_arg("boxes", boxes), _check_ratio(ratio))
+    _tensors(images=images, boxes=boxes)
+    return torch.ops.cim_ext.compress(images, boxes, _ratio(ratio))
+
+
+def _check_cost_ratio(ratio):
+    ratio = _ratio(ratio)
+    if not math.isfinite(ratio) or ratio < 1:
+        _fail("ratio", "a finite real number >= 1", repr(ratio))
+    return ratio
 
 
 def compress_cost(boxes, sizes, ratio):
     """Memory cost of compressed exemplars in image units: ``A + (1 - A) / ratio``, A = box area / image area.
 
     Args:
-        boxes (Tensor[B, 4] int64): exemplar boxes.
-        sizes ((H, W) or Tensor[B, 2]): image size of each exemplar.
+        boxes (Tensor[B, 4] int64): exemplar boxes, inside their images (not checked: reading them would wait for
+            the device; :func:`compress` and :func:`compress_parts` check them).
+        sizes ((H, W) or Tensor[B, 2]): image size of each exemplar (a tensor on the device of boxes).
         ratio (float): compression ratio, >= 1.
 
     Returns:
         Tensor[B] float64.
     """
-    ratio = _check_ratio(ratio)
-    if not isinstance(boxes, torch.Tensor) or boxes.dtype != torch.int64 or boxes.dim() != 2 or boxes.shape[1] != 4:
-        _fail("boxes", "an int64 tensor of shape (B, 4)", getattr(boxes, "shape", type(boxes).__name__))
-    sizes = _sizes_tensor(sizes, boxes.shape[0], boxes.device).to(torch.float64)
-    area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).to(torch.float64)
-    fraction = area / (sizes[:, 0] * sizes[:, 1])
-    if boxes.shape[0] and bool(((fraction < 0) | (fraction > 1)).any()):
-        _fail("boxes", "boxes inside their images (area fraction in [0, 1])", fraction.tolist())
+    _tensors(boxes=boxes)
+    ratio = _check_cost_ratio(ratio)
+    if boxes.dtype != torch.int64 or boxes.dim() != 2 or boxes.shape[1] != 4:
+        _fail("boxes", "an int64 tensor of shape (B, 4)", f"{boxes.dtype} {tuple(boxes.shape)}")
+    size, per_sample = _size_args(sizes)
+    image_area = float(size[0] * size[1]) if per_sample is None else (per_sample[:, 0] * per_sample[:, 1]).to(torch.float64)
+    fraction = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).to(torch.float64) / image_area
     return fraction + (1 - fraction) / ratio
 
 
@@ -218,20 +219,20 @@ def compress_parts(images, boxes, ratio):
         (Tensor[B, C, h, w], Tensor[N]): ``small`` of size :func:`down_size` and the flattened crops concatenated
         in batch order; :func:`uncompress` of them equals :func:`compress` of the images.
 
-    The size of the crops depends on the box values, so on CUDA this waits for the GPU once (the crops are one
-    masked select); the boxes are checked in Python for the same reason.
+    The size of the crops depends on the box values, so on CUDA this waits for the device once (the crops are one
+    masked select). As :func:`compress`, CUDA takes boxes outside the image as clamped into it.
     """
-    _check_images(images, allow_uint8=True)
-    ratio = _check_ratio(ratio)
-    _check_boxes(boxes, images.shape[0], images.shape[2], images.shape[3], images.device)
+    _tensors(images=images, boxes=boxes)
+    ratio = _ratio(ratio)
+    # compress's own argument checks, run on no pixels: a zero-channel view of the images.
+    torch.ops.cim_ext.compress(images[:, :0] if images.dim() == 4 else images, boxes, ratio)
     small = F.interpolate(images, size=down_size(images.shape[2], images.shape[3], ratio), mode="nearest-exact")
     # Row-major order of [B, C, H, W] visits sample b's crop as C x (y1 - y0) x (x1 - x0), then sample b + 1's.
     rows = torch.arange(images.shape[2], device=images.device)
     cols = torch.arange(images.shape[3], device=images.device)
     in_rows = (boxes[:, :1] <= rows) & (rows < boxes[:, 1:2])
     in_cols = (boxes[:, 2:3] <= cols) & (cols < boxes[:, 3:4])
-    inside = in_rows[:, None, :, None] & in_cols[:, None, None, :]
-    return small, images.masked_select(inside)
+    return small, images.masked_select(in_rows[:, None, :, None] & in_cols[:, None, None, :])
 
 
 def uncompress(small, crops, boxes, size):
@@ -247,17 +248,18 @@ def uncompress(small, crops, boxes, size):
     Returns:
         Tensor[B, C, H, W]: nearest-exact upsampling of small with each crop pasted into its box.
 
-    As for :func:`compress`, the kernels check the arguments without reading device data; on CUDA, bad boxes and a
-    wrong crop count do not raise, and the kernel stays inside ``crops``.
+    As :func:`compress`, bad boxes on CUDA are clamped and reported at the next cim_ext call. A wrong number of
+    crop values raises on the CPU; on CUDA it is not reported (the kernel stays inside ``crops``).
     """
-    _tensor_arg("small", small)
+    _tensors(small=small, boxes=boxes)
     if isinstance(crops, (list, tuple)):
         crops = torch.cat([c.reshape(-1) for c in crops]) if crops else small.new_empty(0)
+    _tensors(crops=crops)
     try:
-        height, width = (_as_int(v) for v in size)
+        height, width = (operator.index(v) for v in size)
     except (TypeError, ValueError):
         _fail("size", "a pair of ints (H, W)", repr(size))
-    return torch.ops.cim_ext.uncompress(small, _tensor_arg("crops", crops).reshape(-1), _tensor_arg("boxes", boxes), height, width)
+    return torch.ops.cim_ext.uncompress(small, crops.reshape(-1), boxes, height, width)
 
 
 def soft_compress(images, cams, ratio):

@@ -1,7 +1,8 @@
 // Argument checks of compress and uncompress, written once for their CPU and CUDA host functions (defined in
 // cpu/compress_kernel.cpp). They raise ValueError "<argument>: expected ..., got ..." and read tensor metadata only,
 // except where the values are host data: on CPU they also check the box ranges and the crop count. On CUDA that
-// would need a host sync, so the kernels clamp bad boxes instead (cuda/compress_kernel.cu: bad_box_detected).
+// would need a host sync, so the kernels clamp bad boxes and record them as deferred errors instead
+// (cuda/compress_kernel.cu, cuda/deferred_errors.cuh).
 #pragma once
 
 #include <ATen/ATen.h>

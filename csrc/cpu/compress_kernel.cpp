@@ -4,9 +4,11 @@
 // source row and a source column per output pixel (resample.h). The kernels work on bytes, so one code path serves
 // every dtype and both layouts: a "unit" is what one column holds, an element (NCHW) or a pixel of C elements
 // (channels-last). Each row's gather follows a plan computed once per call: 16-byte chunks of the output row, each
-// assembled from at most two 16-byte windows of the source row with a byte shuffle (pshufb), which works because
-// the column map is monotone and moves each pixel by less than one down-sampled pixel. The box span of a row is then
-// copied from the source row (compress) or the stored crop (uncompress).
+// assembled from at most two 16-byte windows of the source row with a byte shuffle (pshufb). Two windows suffice
+// because the column map is monotone and moves no pixel much farther than one down-sampled pixel; where they do not
+// (or a row is shorter than 16 bytes) the plan falls back to a byte-by-byte gather. Source rows are prefetched (they
+// skip input rows). The box span of a row is then copied from the source row (compress) or the stored crop
+// (uncompress).
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
 #include <ATen/EmptyTensor.h>

@@ -8,8 +8,9 @@
 // W * C). One 256-thread block fills a band of kBand rows of one plane: it first writes the source element of every
 // element of a row segment into a shared-memory table, then each thread assembles kV consecutive elements (16
 // bytes when rows allow) and stores them at once; chunks wholly inside the box of compress are one 16-byte load when
-// the input is aligned. In-plane indices are 32-bit (the host checks the plane size); nothing is read back to the
-// host, so box values are not checked there: the kernel clamps them (bad_argument_detected).
+// the input is aligned. In-plane indices are 32-bit (the host checks the plane size). Nothing is read back to the
+// host, so box values are checked by the kernel: a box outside the image is clamped into it and recorded as a
+// deferred error (cuda/deferred_errors.cuh), raised at the next cim_ext call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -23,6 +24,7 @@
 #include "checks.h"
 #include "compress_checks.h"
 #include "cpu/resample.h"
+#include "cuda/deferred_errors.cuh"
 #include "cuda/helpers.cuh"
 
 namespace cim_ext {
@@ -54,13 +56,9 @@ struct RebuildArgs {
   bool keep_aligned;  // the images start on a 16-byte boundary (compress)
   NearestAxis rows;
   NearestAxis cols;
+  deferred::Report* errors;
+  deferred::Op op;
 };
-
-// Where a kernel detects an argument the host could not check without waiting for the GPU: a box outside the
-// image ("boxes", sample) or crops that do not hold C * box area values per sample ("crops", sample). The kernels
-// stay memory-safe (boxes clamped into the image, crop reads bounded) and carry on; CUDA's deferred error
-// reporting is to plug in here.
-__device__ __forceinline__ void bad_argument_detected(const char* /*argument*/, int64_t /*sample*/) {}
 
 struct Box {
   int y0, y1, x0, x1;
@@ -70,16 +68,21 @@ __device__ __forceinline__ int clamp_to(int64_t value, int low, int high) {
   return static_cast<int>(value < low ? low : (value > high ? high : value));
 }
 
-// The box of `sample`, clamped: y0 into [0, H], y1 into [y0, H], x alike.
-__device__ Box load_box(const int64_t* boxes, int64_t sample, int height, int width) {
-  const int64_t* raw = boxes + 4 * sample;
+// The box of `sample`, clamped: y0 into [0, H], y1 into [y0, H], x alike. When `reporter` (one thread per sample),
+// the first coordinate that had to move is recorded as a deferred error.
+__device__ Box load_box(const RebuildArgs& a, int64_t sample, bool reporter) {
+  const int64_t* raw = a.boxes + 4 * sample;
   Box box;
-  box.y0 = clamp_to(raw[0], 0, height);
-  box.y1 = clamp_to(raw[1], box.y0, height);
-  box.x0 = clamp_to(raw[2], 0, width);
-  box.x1 = clamp_to(raw[3], box.x0, width);
-  if (box.y0 != raw[0] || box.y1 != raw[1] || box.x0 != raw[2] || box.x1 != raw[3]) {
-    bad_argument_detected("boxes", sample);
+  box.y0 = clamp_to(raw[0], 0, a.height);
+  box.y1 = clamp_to(raw[1], box.y0, a.height);
+  box.x0 = clamp_to(raw[2], 0, a.width);
+  box.x1 = clamp_to(raw[3], box.x0, a.width);
+  if (reporter) {
+    if (box.y0 != raw[0] || box.y1 != raw[1]) {
+      deferred::record(a.errors, deferred::kBox, a.op, sample, box.y0 != raw[0] ? raw[0] : raw[1], a.height);
+    } else if (box.x0 != raw[2] || box.x1 != raw[3]) {
+      deferred::record(a.errors, deferred::kBox, a.op, sample, box.x0 != raw[2] ? raw[2] : raw[3], a.width);
+    }
   }
   return box;
 }
@@ -105,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) rebuild_kernel(const RebuildArgs a) 
     const int y_begin = static_cast<int>(block % bands) * kBand;
     const int band_rows = min(kBand, a.height - y_begin);
     const int64_t sample = plane / a.planes_per_sample;
-    const Box box = load_box(a.boxes, sample, a.height, a.width);
+    const Box box = load_box(a, sample, threadIdx.x == 0 && y_begin == 0 && plane % a.planes_per_sample == 0);
     const int box_e0 = box.x0 * a.unit_elems, box_e1 = box.x1 * a.unit_elems;  // the box columns, in elements
     const scalar_t* src_plane = background + plane * a.src_height * src_row_elems;
     const scalar_t* keep_plane = kCompress ? keep + plane * a.height * row_elems : keep;
@@ -115,10 +118,6 @@ __global__ void __launch_bounds__(kThreads) rebuild_kernel(const RebuildArgs a) 
     if (!kCompress) {
       const int64_t channels = a.planes_per_sample;
       crop_start = a.crop_ends[sample] - channels * box_h * box_w + (plane % channels) * box_h * box_w;
-      if (sample == a.planes / channels - 1 && plane % channels == 0 && y_begin == 0 && threadIdx.x == 0 &&
-          a.crop_ends[sample] != a.crops_size) {
-        bad_argument_detected("crops", sample);
-      }
     }
     for (int e0 = 0; e0 < row_elems; e0 += kTable) {
       const int segment = min(kTable, row_elems - e0);
@@ -147,12 +146,9 @@ __global__ void __launch_bounds__(kThreads) rebuild_kernel(const RebuildArgs a) 
               if (kCompress) {
                 pack.v[k] = keep_plane[y * row_elems + e + k];
               } else {
+                // A wrong crop count (not checked on CUDA: it needs the box values) cannot read outside crops.
                 const int64_t index = crop_start + static_cast<int64_t>(y - box.y0) * box_w + (e + k - box_e0);
-                const bool inside = 0 <= index && index < a.crops_size;
-                if (!inside) {
-                  bad_argument_detected("crops", sample);
-                }
-                pack.v[k] = inside ? keep[index] : scalar_t(0);
+                pack.v[k] = 0 <= index && index < a.crops_size ? keep[index] : scalar_t(0);
               }
             } else {
               pack.v[k] = src_row[table[table_slot<kV>(i + k)]];
@@ -193,6 +189,7 @@ void check_plane_size(int64_t plane_elems, const char* name, const char* what) {
 }
 
 at::Tensor compress_cuda(const at::Tensor& images, const at::Tensor& boxes, double ratio) {
+  deferred::raise_deferred_errors();
   check_compress_args(images, boxes, ratio);
   const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
   const auto format = compress_output_format(images);
@@ -218,6 +215,8 @@ at::Tensor compress_cuda(const at::Tensor& images, const at::Tensor& boxes, doub
   a.keep_aligned = reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 == 0;
   a.rows = NearestAxis::make(height, down_extent(height, ratio));
   a.cols = NearestAxis::make(width, down_extent(width, ratio));
+  a.errors = deferred::report();
+  a.op = deferred::kCompress;
   launch_rebuild<true>(a, input.scalar_type());
   return output;
 }
@@ -225,6 +224,7 @@ at::Tensor compress_cuda(const at::Tensor& images, const at::Tensor& boxes, doub
 at::Tensor uncompress_cuda(
     const at::Tensor& small, const at::Tensor& crops, const at::Tensor& boxes, c10::SymInt sym_height,
     c10::SymInt sym_width) {
+  deferred::raise_deferred_errors();
   const int64_t height = sym_height.expect_int(), width = sym_width.expect_int();
   check_uncompress_args(small, crops, boxes, height, width);
   const int64_t batch = small.size(0), channels = small.size(1);
@@ -257,6 +257,8 @@ at::Tensor uncompress_cuda(
   a.src_width = static_cast<int>(small.size(3));
   a.rows = NearestAxis::make(height, small.size(2));
   a.cols = NearestAxis::make(width, small.size(3));
+  a.errors = deferred::report();
+  a.op = deferred::kUncompress;
   launch_rebuild<false>(a, small_c.scalar_type());
   return output;
 }
