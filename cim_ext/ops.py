@@ -189,8 +189,8 @@ def compress_cost(boxes, sizes, ratio):
     """Memory cost of compressed exemplars in image units: ``A + (1 - A) / ratio``, A = box area / image area.
 
     Args:
-        boxes (Tensor[B, 4] int64): exemplar boxes, inside their images (not checked: reading them would wait for
-            the device; :func:`compress` and :func:`compress_parts` check them).
+        boxes (Tensor[B, 4] int64): exemplar boxes, inside their images (checked on the CPU; on a GPU reading them
+            would wait for the device, so there :func:`compress` and :func:`compress_parts` check them).
         sizes ((H, W) or Tensor[B, 2]): image size of each exemplar (a tensor on the device of boxes).
         ratio (float): compression ratio, >= 1.
 
@@ -204,6 +204,8 @@ def compress_cost(boxes, sizes, ratio):
     size, per_sample = _size_args(sizes)
     image_area = float(size[0] * size[1]) if per_sample is None else (per_sample[:, 0] * per_sample[:, 1]).to(torch.float64)
     fraction = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).to(torch.float64) / image_area
+    if boxes.device.type == "cpu" and not torch.compiler.is_compiling() and bool(((fraction < 0) | (fraction > 1)).any()):
+        _fail("boxes", "boxes inside their images (area fraction in [0, 1])", fraction.tolist())
     return fraction + (1 - fraction) / ratio
 
 
@@ -248,8 +250,8 @@ def uncompress(small, crops, boxes, size):
     Returns:
         Tensor[B, C, H, W]: nearest-exact upsampling of small with each crop pasted into its box.
 
-    As :func:`compress`, bad boxes on CUDA are clamped and reported at the next cim_ext call. A wrong number of
-    crop values raises on the CPU; on CUDA it is not reported (the kernel stays inside ``crops``).
+    Bad boxes and a wrong number of crop values raise ValueError; on CUDA the kernel clamps boxes, stays inside
+    ``crops``, and the error is raised at the next cim_ext call (or :func:`check_errors`).
     """
     _tensors(small=small, boxes=boxes)
     if isinstance(crops, (list, tuple)):

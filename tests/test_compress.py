@@ -314,25 +314,44 @@ def test_cuda_bad_boxes_are_clamped_and_reported_without_host_sync():
     bad = torch.tensor([[-5, 4, 3, 30], [18, 25, -2, -1], [9, 3, 5, 7], [0, 20, 0, 24]], device="cuda")
     small = random_images((4, 3, 5, 6), torch.uint8, "cuda")
     expected = reference.compress(x, clamp_boxes(bad, height, width), 4.0)
+    box_error = r"boxes: expected 0 <= y0 <= y1 <= H.*row 0 with a coordinate -5"
     runs = [
-        lambda: cim_ext.compress(x, bad, 4.0),
-        lambda: cim_ext.compress(x.contiguous(memory_format=torch.channels_last), bad, 4.0),
-        lambda: cim_ext.uncompress(small, small.new_zeros(7), bad, (height, width)),
+        (lambda: cim_ext.compress(x, bad, 4.0), box_error),
+        (lambda: cim_ext.compress(x.contiguous(memory_format=torch.channels_last), bad, 4.0), box_error),
+        # Both the boxes and the crop count are wrong here; whichever block records first is reported.
+        (lambda: cim_ext.uncompress(small, small.new_zeros(7), bad, (height, width)), box_error + "|crops: expected"),
     ]
     outs = []
-    for run in runs:
+    for run, error in runs:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             outs.append(run())
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        with pytest.raises(ValueError, match=r"boxes: expected 0 <= y0 <= y1 <= H.*row 0 with a coordinate -5"):
+        with pytest.raises(ValueError, match=error):
             cim_ext.check_errors()
     assert_equal(outs[0], expected)
     assert_equal(outs[1], expected)
     assert outs[2].shape == (4, 3, height, width)
     cim_ext.check_errors()
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_wrong_crop_count_is_reported():
+    small = random_images((2, 3, 5, 6), torch.uint8, "cuda")
+    boxes = torch.tensor([[1, 4, 2, 6], [0, 0, 0, 0]], device="cuda")  # 3 * 3 * 4 = 36 crop values
+    out = cim_ext.uncompress(small, small.new_zeros(35), boxes, (20, 24))
+    with pytest.raises(ValueError, match="crops: expected 36 values .* got 35"):
+        cim_ext.check_errors()
+    assert out.shape == (2, 3, 20, 24)
+    cim_ext.check_errors()
+
+
+def test_compress_cost_checks_cpu_boxes():
+    with pytest.raises(ValueError, match="boxes"):
+        cim_ext.compress_cost(torch.tensor([[0, 12, 0, 20]]), (10, 20), 4.0)
 
 
 # --------------------------------------------------------------------------------------------- opcheck / compile

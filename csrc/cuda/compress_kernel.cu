@@ -109,6 +109,10 @@ __global__ void __launch_bounds__(kThreads) rebuild_kernel(const RebuildArgs a) 
     const int band_rows = min(kBand, a.height - y_begin);
     const int64_t sample = plane / a.planes_per_sample;
     const Box box = load_box(a, sample, threadIdx.x == 0 && y_begin == 0 && plane % a.planes_per_sample == 0);
+    if (!kCompress && threadIdx.x == 0 && y_begin == 0 && plane == a.planes - 1 &&
+        a.crop_ends[sample] != a.crops_size) {
+      deferred::record(a.errors, deferred::kCrops, a.op, sample, a.crop_ends[sample], a.crops_size);
+    }
     const int box_e0 = box.x0 * a.unit_elems, box_e1 = box.x1 * a.unit_elems;  // the box columns, in elements
     const scalar_t* src_plane = background + plane * a.src_height * src_row_elems;
     const scalar_t* keep_plane = kCompress ? keep + plane * a.height * row_elems : keep;

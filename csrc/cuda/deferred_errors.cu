@@ -34,6 +34,9 @@ std::string message(const Report& r) {
       return where + "boxes: expected 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W, got row " +
              std::to_string(r.index) + " with a coordinate " + std::to_string(r.value) +
              " out of order or outside [0, " + std::to_string(r.limit) + "]";
+    case kCrops:
+      return where + "crops: expected " + std::to_string(r.value) +
+             " values (C * box area summed over the batch), got " + std::to_string(r.limit);
     default:
       return where + "unknown error code " + std::to_string(r.code);
   }

@@ -11,7 +11,7 @@
 namespace cim_ext {
 namespace deferred {
 
-enum Code : int { kNone = 0, kLabel = 1, kSize = 2, kBox = 3 };
+enum Code : int { kNone = 0, kLabel = 1, kSize = 2, kBox = 3, kCrops = 4 };
 enum Op : int { kCam = 0, kCamBackward = 1, kCamBoxes = 2, kOtsuThreshold = 3, kCamToBoxes = 4, kCompress = 5,
                 kUncompress = 6 };
 
@@ -19,8 +19,8 @@ struct Report {
   int code;  // kNone, -1 while a kernel writes the fields below, then the Code
   int op;
   long long index;  // sample (row) of the bad value
-  long long value;  // the bad value (a label, a size, or the box coordinate that is out of range)
-  long long limit;  // what it must be below (labels: K; boxes: the image height or width)
+  long long value;  // the bad value (a label, a size, the box coordinate out of range, the crop values needed)
+  long long limit;  // what it must be below (labels: K; boxes: the image height or width), or crops given
 };
 
 // The process-wide report, usable from any device (allocated on first use).
