@@ -58,24 +58,22 @@ inline Operands prepare(const at::Tensor& x, const at::Tensor& numerator, const 
           numerator.to(dtype).contiguous(), denominator.to(dtype).contiguous()};
 }
 
-// forward_kernel(x, y, numerator, denominator) fills y (x's strides) for a non-empty x.
-template <typename ForwardKernel>
-at::Tensor forward(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator,
-                   ForwardKernel forward_kernel) {
+// The ops, given a device's kernels: Kernels::forward(x, y, numerator, denominator) fills y (x's strides) for a
+// non-empty x; Kernels::backward(grad, x, numerator, denominator, grad_x, grad_numerator, grad_denominator) writes
+// grad_x when it is defined and the coefficient gradients (in the compute dtype, zeros for an empty x) when they are
+// defined, and is called only when there is something to compute.
+template <typename Kernels>
+at::Tensor forward(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator) {
   const auto in = prepare(x, numerator, denominator);
   auto y = at::empty_like(in.x);
-  if (y.numel() > 0) forward_kernel(in.x, y, in.numerator, in.denominator);
+  if (y.numel() > 0) Kernels::forward(in.x, y, in.numerator, in.denominator);
   return y;
 }
 
-// backward_kernel(grad, x, numerator, denominator, grad_x, grad_numerator, grad_denominator) writes grad_x when it
-// is defined and the coefficient gradients (in the compute dtype, zeros for an empty x) when they are defined; it
-// is called only when there is something to compute.
-template <typename BackwardKernel>
+template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& numerator, const at::Tensor& denominator,
-                                                        bool need_x, bool need_coefficients,
-                                                        BackwardKernel backward_kernel) {
+                                                        bool need_x, bool need_coefficients) {
   const auto in = prepare(x, numerator, denominator);
   check_same_device(grad, "grad", x, "x");
   check_same_dtype(grad, "grad", x, "x");
@@ -90,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
     grad_denominator = at::empty_like(in.denominator);
   }
   if ((need_x && x.numel() > 0) || need_coefficients) {
-    backward_kernel(grad_, in.x, in.numerator, in.denominator, grad_x, grad_numerator, grad_denominator);
+    Kernels::backward(grad_, in.x, in.numerator, in.denominator, grad_x, grad_numerator, grad_denominator);
   }
   const auto or_empty = [](const at::Tensor& t, const at::Tensor& like) {
     return t.defined() ? t.to(like.scalar_type()) : at::empty({0}, like.options());

@@ -235,60 +235,55 @@ void sum_chunk_partials(const acc_t* partials, int64_t chunks, const Coefficient
   }
 }
 
-at::Tensor rational_forward_cpu(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator) {
-  return rational::forward(x, numerator, denominator, [](const at::Tensor& x_, at::Tensor& y, const at::Tensor& a,
-                                                         const at::Tensor& b) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "rational_forward_cpu", [&] {
+struct CpuKernels {
+  static void forward(const at::Tensor& x, at::Tensor& y, const at::Tensor& numerator, const at::Tensor& denominator) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_forward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const Coefficients<acc_t> c(a.const_data_ptr<acc_t>(), a.numel(), b.const_data_ptr<acc_t>(), b.numel());
-      const scalar_t* in = x_.const_data_ptr<scalar_t>();
+      const Coefficients<acc_t> c(numerator.const_data_ptr<acc_t>(), numerator.numel(),
+                                  denominator.const_data_ptr<acc_t>(), denominator.numel());
+      const scalar_t* in = x.const_data_ptr<scalar_t>();
       scalar_t* out = y.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, x_.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, x.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
         forward_span<scalar_t>(in + begin, out + begin, end - begin, c);
       });
     });
-  });
-}
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rational_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                                     const at::Tensor& numerator,
-                                                                     const at::Tensor& denominator, bool need_x,
-                                                                     bool need_coefficients) {
-  return rational::backward(
-      grad, x, numerator, denominator, need_x, need_coefficients,
-      [](const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_x,
-         at::Tensor& grad_a, at::Tensor& grad_b) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "rational_backward_cpu", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const Coefficients<acc_t> c(a.const_data_ptr<acc_t>(), a.numel(), b.const_data_ptr<acc_t>(), b.numel());
-          const int64_t numel = x_.numel();
-          const int64_t chunks = at::divup(numel, kChunk);
-          const int64_t count = c.m + c.n;
-          std::vector<acc_t> partials(grad_a.defined() ? chunks * count : 0);
-          const scalar_t* g = grad_.const_data_ptr<scalar_t>();
-          const scalar_t* in = x_.const_data_ptr<scalar_t>();
-          scalar_t* out = grad_x.defined() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-          at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t chunk = begin; chunk < end; ++chunk) {
-              const int64_t start = chunk * kChunk;
-              backward_chunk<scalar_t>(g + start, in + start, out == nullptr ? nullptr : out + start,
-                                       std::min(kChunk, numel - start), c,
-                                       partials.empty() ? nullptr : partials.data() + chunk * count);
-            }
-          });
-          if (grad_a.defined()) {
-            sum_chunk_partials(partials.data(), chunks, c, grad_a.mutable_data_ptr<acc_t>(),
-                               grad_b.mutable_data_ptr<acc_t>());
-          }
-        });
+  static void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& numerator,
+                       const at::Tensor& denominator, at::Tensor& grad_x, at::Tensor& grad_numerator,
+                       at::Tensor& grad_denominator) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const Coefficients<acc_t> c(numerator.const_data_ptr<acc_t>(), numerator.numel(),
+                                  denominator.const_data_ptr<acc_t>(), denominator.numel());
+      const int64_t numel = x.numel();
+      const int64_t chunks = at::divup(numel, kChunk);
+      const int64_t count = c.m + c.n;
+      std::vector<acc_t> partials(grad_numerator.defined() ? chunks * count : 0);
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      const scalar_t* in = x.const_data_ptr<scalar_t>();
+      scalar_t* out = grad_x.defined() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          const int64_t start = chunk * kChunk;
+          backward_chunk<scalar_t>(g + start, in + start, out == nullptr ? nullptr : out + start,
+                                   std::min(kChunk, numel - start), c,
+                                   partials.empty() ? nullptr : partials.data() + chunk * count);
+        }
       });
-}
+      if (grad_numerator.defined()) {
+        sum_chunk_partials(partials.data(), chunks, c, grad_numerator.mutable_data_ptr<acc_t>(),
+                           grad_denominator.mutable_data_ptr<acc_t>());
+      }
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cim_ext, CPU, m) {
-  m.impl("rational", &rational_forward_cpu);
-  m.impl("_rational_backward", &rational_backward_cpu);
+  m.impl("rational", &rational::forward<CpuKernels>);
+  m.impl("_rational_backward", &rational::backward<CpuKernels>);
 }
 
 }  // namespace cim_ext

@@ -337,72 +337,65 @@ void dispatch_variant(bool aligned_operands, const at::Tensor& numerator, const 
   }
 }
 
-at::Tensor rational_forward_cuda(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator) {
-  return rational::forward(x, numerator, denominator, [](const at::Tensor& x_, at::Tensor& y, const at::Tensor& a,
-                                                         const at::Tensor& b) {
-    c10::cuda::CUDAGuard guard(x_.device());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "rational_forward_cuda", [&] {
+struct CudaKernels {
+  static void forward(const at::Tensor& x, at::Tensor& y, const at::Tensor& numerator, const at::Tensor& denominator) {
+    c10::cuda::CUDAGuard guard(x.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      dispatch_variant<scalar_t>(aligned(x_) && aligned(y), a, b, [&](auto vec, auto degrees) {
+      dispatch_variant<scalar_t>(aligned(x) && aligned(y), numerator, denominator, [&](auto vec, auto degrees) {
         constexpr int kVec = decltype(vec)::value;
         constexpr auto kernel = rational_forward_kernel<scalar_t, kVec, decltype(degrees)>;
-        const int64_t numel = x_.numel();
+        const int64_t numel = x.numel();
         const unsigned int grid = resident_grid<kernel>(ceil_div(numel / kVec, (int64_t)kThreads * kForwardUnroll));
         kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            x_.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
-            b.const_data_ptr<acc_t>(), (int)a.numel(), (int)b.numel(), numel);
+            x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), numerator.const_data_ptr<acc_t>(),
+            denominator.const_data_ptr<acc_t>(), (int)numerator.numel(), (int)denominator.numel(), numel);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
-  });
-}
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rational_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                                      const at::Tensor& numerator,
-                                                                      const at::Tensor& denominator, bool need_x,
-                                                                      bool need_coefficients) {
-  return rational::backward(
-      grad, x, numerator, denominator, need_x, need_coefficients,
-      [](const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_x,
-         at::Tensor& grad_a, at::Tensor& grad_b) {
-        c10::cuda::CUDAGuard guard(x_.device());
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "rational_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const bool packed = aligned(grad_) && aligned(x_) && aligned(grad_x);
-          dispatch_variant<scalar_t>(packed, a, b, [&](auto vec, auto degrees) {
-            using D = decltype(degrees);
-            constexpr int kCount = D::kNum + D::kDen;
-            constexpr auto kernel = rational_backward_kernel<scalar_t, decltype(vec)::value, D>;
-            const int64_t numel = x_.numel();
-            const int64_t chunks = ceil_div(numel, kChunk);
-            const int m = (int)a.numel();
-            const int n = (int)b.numel();
-            auto stream = at::cuda::getCurrentCUDAStream();
-            at::Tensor partials;
-            if (grad_a.defined()) partials = at::empty({chunks, kCount}, a.options());
-            if (numel > 0) {
-              kernel<<<resident_grid<kernel>(chunks), kThreads, 0, stream>>>(
-                  grad_.const_data_ptr<scalar_t>(), x_.const_data_ptr<scalar_t>(),
-                  grad_x.defined() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, a.const_data_ptr<acc_t>(),
-                  b.const_data_ptr<acc_t>(), m, n, numel,
-                  partials.defined() ? partials.mutable_data_ptr<acc_t>() : nullptr);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            }
-            if (!grad_a.defined()) return;
-            rational_sum_partials_kernel<acc_t><<<m + n, kLanes, 0, stream>>>(
-                partials.const_data_ptr<acc_t>(), chunks, kCount, D::kNum, m, b.const_data_ptr<acc_t>(),
-                grad_a.mutable_data_ptr<acc_t>(), grad_b.mutable_data_ptr<acc_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        });
+  static void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& numerator,
+                       const at::Tensor& denominator, at::Tensor& grad_x, at::Tensor& grad_numerator,
+                       at::Tensor& grad_denominator) {
+    c10::cuda::CUDAGuard guard(x.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const bool packed = aligned(grad) && aligned(x) && aligned(grad_x);
+      dispatch_variant<scalar_t>(packed, numerator, denominator, [&](auto vec, auto degrees) {
+        using D = decltype(degrees);
+        constexpr int kCount = D::kNum + D::kDen;
+        constexpr auto kernel = rational_backward_kernel<scalar_t, decltype(vec)::value, D>;
+        const int64_t numel = x.numel();
+        const int64_t chunks = ceil_div(numel, kChunk);
+        const int m = (int)numerator.numel();
+        const int n = (int)denominator.numel();
+        auto stream = at::cuda::getCurrentCUDAStream();
+        at::Tensor partials;
+        if (grad_numerator.defined()) partials = at::empty({chunks, kCount}, numerator.options());
+        if (numel > 0) {
+          kernel<<<resident_grid<kernel>(chunks), kThreads, 0, stream>>>(
+              grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+              grad_x.defined() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, numerator.const_data_ptr<acc_t>(),
+              denominator.const_data_ptr<acc_t>(), m, n, numel,
+              partials.defined() ? partials.mutable_data_ptr<acc_t>() : nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (!partials.defined()) return;
+        rational_sum_partials_kernel<acc_t><<<m + n, kLanes, 0, stream>>>(
+            partials.const_data_ptr<acc_t>(), chunks, kCount, D::kNum, m, denominator.const_data_ptr<acc_t>(),
+            grad_numerator.mutable_data_ptr<acc_t>(), grad_denominator.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-}
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cim_ext, CUDA, m) {
-  m.impl("rational", &rational_forward_cuda);
-  m.impl("_rational_backward", &rational_backward_cuda);
+  m.impl("rational", &rational::forward<CudaKernels>);
+  m.impl("_rational_backward", &rational::backward<CudaKernels>);
 }
 
 }  // namespace cim_ext
