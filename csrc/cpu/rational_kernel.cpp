@@ -4,8 +4,8 @@
 // Elements are processed a few SIMD vectors at a time (GCC vector extensions, 64 bytes a vector) with every
 // intermediate in registers, whatever the runtime number of coefficients. On x86-64 with GCC the element loops are
 // compiled for AVX-512, AVX2 and baseline SSE2 and picked at load time (target_clones), since the extension itself
-// is built for the baseline. The arithmetic is the same in every clone (no FMA contraction under -std=c++20), so
-// results do not depend on the CPU. float16/bfloat16 are computed in float32.
+// is built for the baseline. The clones with FMA contract multiply-adds, so results can differ in the last bit
+// between CPUs with and without AVX2 (never between runs or thread counts). float16/bfloat16 are computed in float32.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,10 +19,12 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define CIM_EXT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define CIM_EXT_FLOAT16 1
 // The 64-byte vector helpers below are always inlined, so no vector crosses a call boundary: the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #else
 #define CIM_EXT_SIMD_CLONES
+#define CIM_EXT_FLOAT16 0
 #endif
 
 namespace cim_ext {
@@ -42,10 +44,48 @@ using Vec = typename VecOf<T>::type;
 template <typename acc_t>
 constexpr int64_t kWidth = 64 / sizeof(acc_t);
 
+// Element conversions. c10's are bit tricks with branches that the vectoriser leaves scalar. float16: with GCC on
+// x86-64 through _Float16 (F16C instructions in the AVX2 and AVX-512 clones; IEEE round to nearest even either
+// way). bfloat16: the upper half of a float32; stores round whole vectors (store below).
+template <typename scalar_t>
+inline __attribute__((always_inline)) at::opmath_type<scalar_t> widen(scalar_t v) {
+  return static_cast<at::opmath_type<scalar_t>>(v);
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) scalar_t narrow(at::opmath_type<scalar_t> v) {
+  return static_cast<scalar_t>(v);
+}
+
+template <>
+inline __attribute__((always_inline)) float widen(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+#if CIM_EXT_FLOAT16
+template <>
+inline __attribute__((always_inline)) float widen(c10::Half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.x, sizeof(h));
+  return static_cast<float>(h);
+}
+
+template <>
+inline __attribute__((always_inline)) c10::Half narrow(float v) {
+  const _Float16 h = static_cast<_Float16>(v);
+  uint16_t bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  return c10::Half(bits, c10::Half::from_bits());
+}
+#endif
+
 template <typename acc_t, typename scalar_t>
 inline __attribute__((always_inline)) Vec<acc_t> load(const scalar_t* src) {
   acc_t values[kWidth<acc_t>];
-  for (int64_t l = 0; l < kWidth<acc_t>; ++l) values[l] = static_cast<acc_t>(src[l]);
+  for (int64_t l = 0; l < kWidth<acc_t>; ++l) values[l] = widen(src[l]);
   Vec<acc_t> v;
   std::memcpy(&v, values, sizeof(v));
   return v;
@@ -55,7 +95,19 @@ template <typename acc_t, typename scalar_t>
 inline __attribute__((always_inline)) void store(scalar_t* dst, Vec<acc_t> v) {
   acc_t values[kWidth<acc_t>];
   std::memcpy(values, &v, sizeof(v));
-  for (int64_t l = 0; l < kWidth<acc_t>; ++l) dst[l] = static_cast<scalar_t>(values[l]);
+  for (int64_t l = 0; l < kWidth<acc_t>; ++l) dst[l] = narrow<scalar_t>(values[l]);
+}
+
+// float32 -> bfloat16 rounded to nearest even, NaN -> 0x7FC0, as c10::BFloat16(float), on a whole vector.
+template <>
+inline __attribute__((always_inline)) void store<float, c10::BFloat16>(c10::BFloat16* dst, Vec<float> v) {
+  typedef uint32_t Bits __attribute__((vector_size(64)));
+  typedef uint16_t Half __attribute__((vector_size(32)));
+  Bits bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const Bits rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
+  const Half out = __builtin_convertvector(v != v ? Bits{} + UINT32_C(0x7FC0) : rounded, Half);
+  std::memcpy(dst, &out, sizeof(out));
 }
 
 template <typename acc_t>
