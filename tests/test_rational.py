@@ -106,25 +106,30 @@ def _layouts(device, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["channels_last", "permuted", "offset"])
-def test_dense_layouts_are_kept_without_copies(device, layout):
-    base, layouts = _layouts(device)
+def test_dense_layouts_are_kept_without_copies(device, dtype, layout):
+    base, layouts = _layouts(device, dtype)
     x = layouts[layout].requires_grad_()
     numerator, denominator = (t.requires_grad_() for t in coefficients(6, 4, relu=True, device=device))
     out = cim_ext.rational(x, numerator, denominator)
     assert out.stride() == x.stride()
     expected = cim_ext.rational(base, numerator, denominator)
-    assert torch.equal(out, expected)
-    grad = activation(x.shape, device=device, seed=1)
+    if layout == "offset" and device == "cuda":
+        # The misaligned view runs the single-element kernel, whose contracted multiply-adds may round differently.
+        torch.testing.assert_close(out, expected)
+    else:
+        assert torch.equal(out, expected)
+    grad = activation(x.shape, dtype, device, seed=1)
     grads = torch.autograd.grad(out, (x, numerator, denominator), grad)
     assert grads[0].stride() == x.stride()
     plain = torch.autograd.grad(
-        cim_ext.rational(base.detach().requires_grad_(), numerator, denominator),
-        (numerator, denominator), grad.contiguous())
+        cim_ext.rational(base.detach().requires_grad_(), numerator, denominator), (numerator, denominator), grad
+    )
     torch.testing.assert_close(grads[1:], plain)
     # grad in another layout than x: the result keeps x's layout and values.
-    for grad_layout in (grad.contiguous(), grad.to(memory_format=torch.channels_last), grad.transpose(0, 1).contiguous().transpose(0, 1)):
-        other = torch.ops.cim_ext._rational_backward(grad_layout, x.detach(), numerator.detach(), denominator.detach(), True, False)[0]
+    for other_grad in (grad.contiguous(), grad.to(memory_format=torch.channels_last), grad.transpose(0, 1).contiguous().transpose(0, 1)):
+        other = torch.ops.cim_ext._rational_backward(other_grad, x.detach(), numerator, denominator, True, False)[0]
         assert other.stride() == x.stride()
         assert torch.equal(other, grads[0])
 
