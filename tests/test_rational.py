@@ -128,7 +128,8 @@ def test_dense_layouts_are_kept_without_copies(device, dtype, layout):
     )
     torch.testing.assert_close(grads[1:], plain)
     # grad in another layout than x: the result keeps x's layout and values.
-    for other_grad in (grad.contiguous(), grad.to(memory_format=torch.channels_last), grad.transpose(0, 1).contiguous().transpose(0, 1)):
+    swapped = grad.transpose(0, 1).contiguous().transpose(0, 1)
+    for other_grad in (grad.contiguous(), grad.to(memory_format=torch.channels_last), swapped):
         other = torch.ops.cim_ext._rational_backward(other_grad, x.detach(), numerator, denominator, True, False)[0]
         assert other.stride() == x.stride()
         assert torch.equal(other, grads[0])
@@ -506,7 +507,9 @@ def test_any_float_coefficient_dtype(x_dtype, coefficient_dtype_):
     """Coefficients of any float dtype are cast to the compute dtype in the kernel; their gradients come back in their
     own dtype."""
     x = activation((3, 40), x_dtype, seed=4)
-    numerator, denominator = (t.to(coefficient_dtype_).requires_grad_() for t in coefficients(6, 4, torch.float64, relu=True))
+    numerator, denominator = (
+        t.to(coefficient_dtype_).requires_grad_() for t in coefficients(6, 4, torch.float64, relu=True)
+    )
     out = cim_ext.rational(x, numerator, denominator)
     compute = coefficient_dtype(x_dtype)
     expected = reference.rational(x.to(compute), numerator.to(compute), denominator.to(compute)).to(x_dtype)
