@@ -102,11 +102,11 @@ inline __attribute__((always_inline)) void store(scalar_t* dst, Vec<acc_t> v) {
 template <>
 inline __attribute__((always_inline)) void store<float, c10::BFloat16>(c10::BFloat16* dst, Vec<float> v) {
   typedef uint32_t Bits __attribute__((vector_size(64)));
-  typedef uint16_t Half __attribute__((vector_size(32)));
+  typedef uint16_t Words __attribute__((vector_size(32)));
   Bits bits;
   std::memcpy(&bits, &v, sizeof(bits));
   const Bits rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
-  const Half out = __builtin_convertvector(v != v ? Bits{} + UINT32_C(0x7FC0) : rounded, Half);
+  const Words out = __builtin_convertvector(v != v ? Bits{} + UINT32_C(0x7FC0) : rounded, Words);
   std::memcpy(dst, &out, sizeof(out));
 }
 
