@@ -44,48 +44,10 @@ using Vec = typename VecOf<T>::type;
 template <typename acc_t>
 constexpr int64_t kWidth = 64 / sizeof(acc_t);
 
-// Element conversions. c10's are bit tricks with branches that the vectoriser leaves scalar. float16: with GCC on
-// x86-64 through _Float16 (F16C instructions in the AVX2 and AVX-512 clones; IEEE round to nearest even either
-// way). bfloat16: the upper half of a float32; stores round whole vectors (store below).
-template <typename scalar_t>
-inline __attribute__((always_inline)) at::opmath_type<scalar_t> widen(scalar_t v) {
-  return static_cast<at::opmath_type<scalar_t>>(v);
-}
-
-template <typename scalar_t>
-inline __attribute__((always_inline)) scalar_t narrow(at::opmath_type<scalar_t> v) {
-  return static_cast<scalar_t>(v);
-}
-
-template <>
-inline __attribute__((always_inline)) float widen(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-#if CIM_EXT_FLOAT16
-template <>
-inline __attribute__((always_inline)) float widen(c10::Half v) {
-  _Float16 h;
-  std::memcpy(&h, &v.x, sizeof(h));
-  return static_cast<float>(h);
-}
-
-template <>
-inline __attribute__((always_inline)) c10::Half narrow(float v) {
-  const _Float16 h = static_cast<_Float16>(v);
-  uint16_t bits;
-  std::memcpy(&bits, &h, sizeof(bits));
-  return c10::Half(bits, c10::Half::from_bits());
-}
-#endif
-
 template <typename acc_t, typename scalar_t>
 inline __attribute__((always_inline)) Vec<acc_t> load(const scalar_t* src) {
   acc_t values[kWidth<acc_t>];
-  for (int64_t l = 0; l < kWidth<acc_t>; ++l) values[l] = widen(src[l]);
+  for (int64_t l = 0; l < kWidth<acc_t>; ++l) values[l] = static_cast<acc_t>(src[l]);
   Vec<acc_t> v;
   std::memcpy(&v, values, sizeof(v));
   return v;
@@ -95,20 +57,51 @@ template <typename acc_t, typename scalar_t>
 inline __attribute__((always_inline)) void store(scalar_t* dst, Vec<acc_t> v) {
   acc_t values[kWidth<acc_t>];
   std::memcpy(values, &v, sizeof(v));
-  for (int64_t l = 0; l < kWidth<acc_t>; ++l) dst[l] = narrow<scalar_t>(values[l]);
+  for (int64_t l = 0; l < kWidth<acc_t>; ++l) dst[l] = static_cast<scalar_t>(values[l]);
 }
 
-// float32 -> bfloat16 rounded to nearest even, NaN -> 0x7FC0, as c10::BFloat16(float), on a whole vector.
+// Half types convert whole vectors: c10's element conversions are bit tricks with branches that the vectoriser
+// leaves scalar. bfloat16 is the upper half of a float32 and rounds to nearest even with NaN -> 0x7FC0, as
+// c10::BFloat16(float); float16 goes through _Float16 with GCC on x86-64 (F16C instructions in the AVX2 and AVX-512
+// clones, IEEE round to nearest even either way).
+typedef uint32_t Bits __attribute__((vector_size(64)));
+typedef uint16_t Words __attribute__((vector_size(32)));
+
+template <>
+inline __attribute__((always_inline)) Vec<float> load<float, c10::BFloat16>(const c10::BFloat16* src) {
+  Words words;
+  std::memcpy(&words, src, sizeof(words));
+  const Bits bits = __builtin_convertvector(words, Bits) << 16;
+  Vec<float> v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 template <>
 inline __attribute__((always_inline)) void store<float, c10::BFloat16>(c10::BFloat16* dst, Vec<float> v) {
-  typedef uint32_t Bits __attribute__((vector_size(64)));
-  typedef uint16_t Words __attribute__((vector_size(32)));
   Bits bits;
   std::memcpy(&bits, &v, sizeof(bits));
   const Bits rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
   const Words out = __builtin_convertvector(v != v ? Bits{} + UINT32_C(0x7FC0) : rounded, Words);
   std::memcpy(dst, &out, sizeof(out));
 }
+
+#if CIM_EXT_FLOAT16
+typedef _Float16 Halves __attribute__((vector_size(32)));
+
+template <>
+inline __attribute__((always_inline)) Vec<float> load<float, c10::Half>(const c10::Half* src) {
+  Halves halves;
+  std::memcpy(&halves, src, sizeof(halves));
+  return __builtin_convertvector(halves, Vec<float>);
+}
+
+template <>
+inline __attribute__((always_inline)) void store<float, c10::Half>(c10::Half* dst, Vec<float> v) {
+  const Halves out = __builtin_convertvector(v, Halves);
+  std::memcpy(dst, &out, sizeof(out));
+}
+#endif
 
 template <typename acc_t>
 inline __attribute__((always_inline)) Vec<acc_t> splat(acc_t value) {
