@@ -85,15 +85,17 @@ def _soft_compress_backward_fake(grad, images, cams, ratio, need_images, need_ca
     )
 
 
+# The rational kernels walk a dense x in storage order and return its layout; any other x is first copied into
+# torch.empty_like(x): either way the output has the strides of torch.empty_like(x).
 @_register_fake("rational")
 def _rational_fake(x, numerator, denominator):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x)
 
 
 @_register_fake("_rational_backward")
 def _rational_backward_fake(grad, x, numerator, denominator, need_x, need_coefficients):
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
+        torch.empty_like(x) if need_x else x.new_empty(0),
         numerator.new_empty(numerator.shape) if need_coefficients else numerator.new_empty(0),
         denominator.new_empty(denominator.shape) if need_coefficients else denominator.new_empty(0),
     )

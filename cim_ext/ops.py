@@ -289,28 +289,17 @@ def check_errors():
     torch.ops.cim_ext._raise_deferred_errors(True)
 
 
-# The kernels keep the coefficients in registers (csrc/*/rational_kernel.*: kMaxCoefficients).
-_MAX_RATIONAL_COEFFICIENTS = 16
-
-
 def rational(x, numerator, denominator):
     """Rational (Padé) activation, version A: ``P(x) / (1 + |b1 x| + ... + |bn x^n|)``, elementwise.
 
     Args:
-        x (Tensor[...]): float (float32/float64 on CPU; also float16/bfloat16 on CUDA, computed in float32).
-        numerator (Tensor[m + 1]): a0..am (1 to 16 coefficients).
-        denominator (Tensor[n]): b1..bn (1 to 16 coefficients).
+        x (Tensor[...]): float32, float64, float16 or bfloat16 (half types are computed in float32), any layout.
+        numerator (Tensor[m + 1]): a0..am (1 to 16 coefficients), any float dtype, on x's device.
+        denominator (Tensor[n]): b1..bn (1 to 16 coefficients), any float dtype, on x's device.
 
     Returns:
-        Tensor like x. Differentiable in x and both coefficient vectors.
+        Tensor like x (``torch.empty_like(x)``: same dtype, and same strides for a dense layout such as
+        channels_last). Computed with the coefficients cast to float64 for float64 x, else float32. Differentiable in
+        x and both coefficient vectors. Bad arguments raise ValueError naming the argument (checked in the kernels).
     """
-    _check_float("x", x)
-    coefficient_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    for name, coefficients in (("numerator", numerator), ("denominator", denominator)):
-        _check_float(name, coefficients, 1)
-        if coefficients.numel() < 1:
-            _fail(name, "at least one coefficient", "an empty tensor")
-        if coefficients.numel() > _MAX_RATIONAL_COEFFICIENTS:
-            _fail(name, f"at most {_MAX_RATIONAL_COEFFICIENTS} coefficients", coefficients.numel())
-    _check_same_device(x=x, numerator=numerator, denominator=denominator)
-    return torch.ops.cim_ext.rational(x, numerator.to(coefficient_dtype), denominator.to(coefficient_dtype))
+    return torch.ops.cim_ext.rational(x, numerator, denominator)

@@ -1,12 +1,15 @@
-// Rational activation, version A: y = P(x) / Q(x), P(x) = a0 + a1 x + ... + am x^m (Horner),
-// Q(x) = 1 + |b1 x| + ... + |bn x^n|. CUDA kernels: the forward (one read, one write) and one fused backward pass
-// that reads grad and x, writes dx and reduces the coefficient gradients: per-thread sums, a block reduction into a
-// per-block partials buffer, then a second tiny kernel that adds the partials in a fixed order (deterministic, no
-// atomics). Half types are loaded and stored as such and computed in float32; float64 stays float64.
+// Rational activation (see rational.h), CUDA kernels: the forward (one read, one write) and one fused backward pass
+// that reads grad and x, writes dx and reduces the coefficient gradients per chunk of rational::kChunk elements into
+// a partials buffer, then a one-block-per-coefficient kernel that adds the chunk partials in the fixed order of
+// rational.h (deterministic, no atomics, independent of the grid). Half types are loaded and stored as such and
+// computed in float32; float64 stays float64.
 //
-// Every thread moves 16 bytes per load (4 floats, 8 halves, 2 doubles). The default degrees (5, 4) get a kernel with
-// the coefficient counts known at compile time; any other counts (up to kMaxCoefficients each) use the same code
-// with runtime bounds.
+// Loads are 16-byte packs (4 floats, 8 halves, 2 doubles) when every operand is 16-byte aligned, single elements
+// otherwise (a view with a storage offset), with several packs in flight per thread. Grids hold exactly the blocks
+// the device keeps resident (SMs x occupancy) and loop over the work. The coefficients sit in shared memory; the
+// default degrees (5, 4) get a kernel with the counts known at compile time, any other counts (up to
+// kMaxCoefficients each) the same code unrolled over the maxima and guarded by the runtime counts, so every index is
+// a compile-time constant and nothing lives in local memory.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,163 +18,203 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/helpers.cuh"
+#include "rational.h"
 
 namespace cim_ext {
 namespace {
 
-constexpr int kMaxCoefficients = 16;
+using rational::kChunk;
+using rational::kLanes;
+using rational::kMaxCoefficients;
+
 constexpr int kWarps = kThreads / 32;
 constexpr int kPackBytes = 16;
+// Packs in flight per thread in the forward; the backward has two (one of grad, one of x): more would cost
+// registers, as it keeps the coefficient-gradient sums in registers too.
+constexpr int kForwardUnroll = 4;
+static_assert(kLanes == kThreads, "the final pass runs one lane per thread");
 
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
-__device__ __forceinline__ float abs_of(float v) { return fabsf(v); }
-__device__ __forceinline__ double abs_of(double v) { return fabs(v); }
+// The shape of a kernel: kNum, kDen coefficients exactly (kExact) or at most.
+template <int kNum_, int kDen_, bool kExact_>
+struct Degrees {
+  static constexpr int kNum = kNum_;
+  static constexpr int kDen = kDen_;
+  static constexpr bool kExact = kExact_;
+};
+using DefaultDegrees = Degrees<6, 4, true>;
+using AnyDegrees = Degrees<kMaxCoefficients, kMaxCoefficients, false>;
 
+// Resident blocks per SM the register budget is sized for: 64 registers a thread for the default degrees in float,
+// twice that for double values or for the kernels unrolled over kMaxCoefficients.
+template <typename scalar_t, typename D>
+constexpr int kMinBlocks = (D::kExact ? 4 : 2) / (int)(sizeof(at::opmath_type<scalar_t>) / sizeof(float));
+
+// a_j, |b_k| and (k + 1) |b_k| in shared memory, filled by the first threads of the block.
 template <typename acc_t>
-__device__ __forceinline__ acc_t sign_of(acc_t v) {
-  // sign(0) = 0, as in the derivative torch.abs uses.
-  return static_cast<acc_t>(v > acc_t(0)) - static_cast<acc_t>(v < acc_t(0));
-}
-
-// The coefficients, held in registers. With kExact the counts are kNum and kDen; otherwise those are maxima and m, n
-// the runtime counts (every loop below is unrolled over the maxima and guarded by the runtime count).
-template <typename acc_t, int kNum, int kDen, bool kExact>
 struct Coefficients {
-  acc_t a[kNum];
-  acc_t b[kDen];
-  int m;
-  int n;
+  acc_t a[kMaxCoefficients];
+  acc_t abs_b[kMaxCoefficients];
+  acc_t k_abs_b[kMaxCoefficients];
 
-  __device__ __forceinline__ Coefficients(const acc_t* __restrict__ numerator, const acc_t* __restrict__ denominator,
-                                          int num_count, int den_count)
-      : m(kExact ? kNum : num_count), n(kExact ? kDen : den_count) {
-#pragma unroll
-    for (int j = 0; j < kNum; ++j) a[j] = j < m ? numerator[j] : acc_t(0);
-#pragma unroll
-    for (int k = 0; k < kDen; ++k) b[k] = k < n ? denominator[k] : acc_t(0);
+  __device__ __forceinline__ void load(const acc_t* __restrict__ numerator, const acc_t* __restrict__ denominator,
+                                       int m, int n) {
+    const int i = threadIdx.x;
+    if (i < m) a[i] = numerator[i];
+    if (i < n) {
+      abs_b[i] = abs_of(denominator[i]);
+      k_abs_b[i] = acc_t(i + 1) * abs_b[i];
+    }
+    __syncthreads();
   }
+
+  static __device__ __forceinline__ float abs_of(float v) { return fabsf(v); }
+  static __device__ __forceinline__ double abs_of(double v) { return fabs(v); }
 };
 
-template <typename acc_t, int kNum, int kDen, bool kExact>
-__device__ __forceinline__ acc_t rational_value(acc_t x, const Coefficients<acc_t, kNum, kDen, kExact>& c) {
-  acc_t p = acc_t(0);
-#pragma unroll
-  for (int j = kNum - 1; j >= 0; --j) {
-    if (j == c.m - 1) {
-      p = c.a[j];
-    } else if (j < c.m - 1) {
-      p = p * x + c.a[j];
-    }
+// Q = 1 + sum_k |b_k| |x|^k, which is the reference's 1 + sum_k |b_k x^k| (|x|^k = |x^k|).
+template <typename D, typename acc_t>
+__device__ __forceinline__ acc_t rational_value(acc_t x, const Coefficients<acc_t>& c, int m, int n) {
+  if (D::kExact) {
+    m = D::kNum;
+    n = D::kDen;
   }
+  acc_t p = c.a[m - 1];
+#pragma unroll
+  for (int j = D::kNum - 2; j >= 0; --j) {
+    if (j < m - 1) p = p * x + c.a[j];
+  }
+  const acc_t t = Coefficients<acc_t>::abs_of(x);
   acc_t q = acc_t(1);
   acc_t power = acc_t(1);
 #pragma unroll
-  for (int k = 0; k < kDen; ++k) {
-    if (k < c.n) {
-      power *= x;
-      q += abs_of(c.b[k] * power);
+  for (int k = 0; k < D::kDen; ++k) {
+    if (k < n) {
+      power *= t;
+      q += c.abs_b[k] * power;
     }
   }
   return p / q;
 }
 
-// Returns dL/dx for one element and adds its terms of the coefficient gradients to acc (numerator terms at [0, kNum),
-// denominator terms at [kNum, kNum + kDen)).
-template <typename acc_t, int kNum, int kDen, bool kExact>
-__device__ __forceinline__ acc_t rational_grad(acc_t x, acc_t grad, const Coefficients<acc_t, kNum, kDen, kExact>& c,
-                                               acc_t (&acc)[kNum + kDen], bool need_coefficients) {
+// Returns dL/dx of one element; with need_coefficients adds g x^j / Q to acc[j] and g y / Q |x|^k to
+// acc[kNum + k] (the denominator gradient is -sign(b_k) times the latter sum: the sign is applied once, after the
+// reduction, since |b_k x^k| = |b_k| |x|^k).
+template <typename D, typename acc_t>
+__device__ __forceinline__ acc_t rational_grad(acc_t x, acc_t g, const Coefficients<acc_t>& c, int m, int n,
+                                               acc_t (&acc)[D::kNum + D::kDen], bool need_coefficients) {
+  if (D::kExact) {
+    m = D::kNum;
+    n = D::kDen;
+  }
   // P and P' by Horner.
-  acc_t p = acc_t(0);
+  acc_t p = c.a[m - 1];
   acc_t dp = acc_t(0);
 #pragma unroll
-  for (int j = kNum - 1; j >= 0; --j) {
-    if (j == c.m - 1) {
-      p = c.a[j];
-    } else if (j < c.m - 1) {
+  for (int j = D::kNum - 2; j >= 0; --j) {
+    if (j < m - 1) {
       dp = dp * x + p;
       p = p * x + c.a[j];
     }
   }
-  // Q and Q', with d|b_k x^k|/dx = sign(b_k x^k) k b_k x^(k-1).
+  // Q and dQ/d|x| = sum_k k |b_k| |x|^(k-1); dQ/dx = sign(x) dQ/d|x| with sign(0) = 0 like torch.abs.
+  const acc_t t = Coefficients<acc_t>::abs_of(x);
   acc_t q = acc_t(1);
   acc_t dq = acc_t(0);
   acc_t power = acc_t(1);
-  acc_t signed_power[kDen];  // sign(b_k x^k) x^k
 #pragma unroll
-  for (int k = 0; k < kDen; ++k) {
-    signed_power[k] = acc_t(0);
-    if (k < c.n) {
-      const acc_t next = power * x;
-      const acc_t term = c.b[k] * next;
-      const acc_t sign = sign_of(term);
-      q += abs_of(term);
-      dq += sign * acc_t(k + 1) * c.b[k] * power;
-      signed_power[k] = sign * next;
-      power = next;
+  for (int k = 0; k < D::kDen; ++k) {
+    if (k < n) {
+      dq += c.k_abs_b[k] * power;
+      power *= t;
+      q += c.abs_b[k] * power;
     }
   }
-  const acc_t inv = acc_t(1) / q;
-  const acc_t y = p * inv;
-  const acc_t grad_over_q = grad * inv;
+  const acc_t y = p / q;
+  const acc_t g_over_q = g / q;
   if (need_coefficients) {
-    // dy/da_j = x^j / Q; dy/db_k = -y / Q * sign(b_k x^k) x^k.
     power = acc_t(1);
 #pragma unroll
-    for (int j = 0; j < kNum; ++j) {
-      if (j < c.m) {
-        acc[j] += grad_over_q * power;
+    for (int j = 0; j < D::kNum; ++j) {
+      if (j < m) {
+        acc[j] += g_over_q * power;
         power *= x;
       }
     }
-    const acc_t grad_y_over_q = -grad_over_q * y;
+    const acc_t w = g_over_q * y;
+    power = acc_t(1);
 #pragma unroll
-    for (int k = 0; k < kDen; ++k) {
-      if (k < c.n) acc[kNum + k] += grad_y_over_q * signed_power[k];
+    for (int k = 0; k < D::kDen; ++k) {
+      if (k < n) {
+        power *= t;
+        acc[D::kNum + k] += w * power;
+      }
     }
   }
-  return grad_over_q * (dp - y * dq);
+  const acc_t sign = static_cast<acc_t>(x > acc_t(0)) - static_cast<acc_t>(x < acc_t(0));
+  return g_over_q * (dp - y * (sign * dq));
 }
 
-template <typename scalar_t, typename acc_t, int kNum, int kDen, bool kExact>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, int kVec, typename D>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, D>)
     rational_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                            const acc_t* __restrict__ numerator, const acc_t* __restrict__ denominator, int m, int n,
-                            int64_t numel) {
-  constexpr int kVec = kPackBytes / sizeof(scalar_t);
+                            const at::opmath_type<scalar_t>* __restrict__ numerator,
+                            const at::opmath_type<scalar_t>* __restrict__ denominator, int m, int n, int64_t numel) {
+  using acc_t = at::opmath_type<scalar_t>;
   using pack_t = Pack<scalar_t, kVec>;
-  const Coefficients<acc_t, kNum, kDen, kExact> c(numerator, denominator, m, n);
+  __shared__ Coefficients<acc_t> c;
+  c.load(numerator, denominator, m, n);
   const int64_t packs = numel / kVec;
-  CIM_EXT_KERNEL_LOOP(i, packs) {
-    const pack_t in = reinterpret_cast<const pack_t*>(x)[i];
-    pack_t out;
+  const int64_t stride = (int64_t)gridDim.x * kThreads * kForwardUnroll;
+  for (int64_t base = (int64_t)blockIdx.x * kThreads * kForwardUnroll + threadIdx.x; base < packs; base += stride) {
+    pack_t in[kForwardUnroll];
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) out.v[v] = static_cast<scalar_t>(rational_value(static_cast<acc_t>(in.v[v]), c));
-    reinterpret_cast<pack_t*>(y)[i] = out;
+    for (int u = 0; u < kForwardUnroll; ++u) {
+      const int64_t i = base + u * kThreads;
+      if (i < packs) in[u] = reinterpret_cast<const pack_t*>(x)[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kForwardUnroll; ++u) {
+      const int64_t i = base + u * kThreads;
+      if (i < packs) {
+        pack_t out;
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          out.v[v] = static_cast<scalar_t>(rational_value<D>(static_cast<acc_t>(in[u].v[v]), c, m, n));
+        }
+        reinterpret_cast<pack_t*>(y)[i] = out;
+      }
+    }
   }
   // The last numel % kVec elements, one per thread of the first block.
-  const int64_t tail = packs * kVec + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (tail < numel) y[tail] = static_cast<scalar_t>(rational_value(static_cast<acc_t>(x[tail]), c));
+  const int64_t tail = packs * kVec + threadIdx.x;
+  if (blockIdx.x == 0 && tail < numel) {
+    y[tail] = static_cast<scalar_t>(rational_value<D>(static_cast<acc_t>(x[tail]), c, m, n));
+  }
 }
 
-// Sums acc over the block into out[0, kCount) in a fixed order. Every thread of the block must call it.
+// Sums acc over the block into out[0, kCount) in a fixed order. Every thread of the block must call it; it ends
+// with a barrier, so it can be called again at once.
 template <typename acc_t, int kCount>
 __device__ __forceinline__ void block_sum(const acc_t (&acc)[kCount], acc_t* __restrict__ out) {
   __shared__ acc_t warp_sums[kWarps][kCount];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
 #pragma unroll
-  for (int c = 0; c < kCount; ++c) {
-    acc_t v = acc[c];
+  for (int i = 0; i < kCount; ++i) {
+    acc_t v = acc[i];
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-    if (lane == 0) warp_sums[warp][c] = v;
+    if (lane == 0) warp_sums[warp][i] = v;
   }
   __syncthreads();
   if (threadIdx.x < kCount) {
@@ -180,205 +223,179 @@ __device__ __forceinline__ void block_sum(const acc_t (&acc)[kCount], acc_t* __r
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][threadIdx.x];
     out[threadIdx.x] = sum;
   }
-}
-
-// partials: [gridDim.x, kNum + kDen] coefficient-gradient sums of each block, or nullptr when not needed.
-// grad_x: nullptr when not needed.
-template <typename scalar_t, typename acc_t, int kNum, int kDen, bool kExact>
-__global__ void __launch_bounds__(kThreads)
-    rational_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                             scalar_t* __restrict__ grad_x, const acc_t* __restrict__ numerator,
-                             const acc_t* __restrict__ denominator, int m, int n, int64_t numel,
-                             acc_t* __restrict__ partials) {
-  constexpr int kVec = kPackBytes / sizeof(scalar_t);
-  constexpr int kCount = kNum + kDen;
-  using pack_t = Pack<scalar_t, kVec>;
-  const Coefficients<acc_t, kNum, kDen, kExact> c(numerator, denominator, m, n);
-  const bool need_coefficients = partials != nullptr;
-  acc_t acc[kCount];
-#pragma unroll
-  for (int i = 0; i < kCount; ++i) acc[i] = acc_t(0);
-  const int64_t packs = numel / kVec;
-  CIM_EXT_KERNEL_LOOP(i, packs) {
-    const pack_t g = reinterpret_cast<const pack_t*>(grad)[i];
-    const pack_t in = reinterpret_cast<const pack_t*>(x)[i];
-    pack_t out;
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      out.v[v] = static_cast<scalar_t>(
-          rational_grad(static_cast<acc_t>(in.v[v]), static_cast<acc_t>(g.v[v]), c, acc, need_coefficients));
-    }
-    if (grad_x != nullptr) reinterpret_cast<pack_t*>(grad_x)[i] = out;
-  }
-  const int64_t tail = packs * kVec + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (tail < numel) {
-    const acc_t out =
-        rational_grad(static_cast<acc_t>(x[tail]), static_cast<acc_t>(grad[tail]), c, acc, need_coefficients);
-    if (grad_x != nullptr) grad_x[tail] = static_cast<scalar_t>(out);
-  }
-  if (need_coefficients) block_sum(acc, partials + (int64_t)blockIdx.x * kCount);
-}
-
-// One block per coefficient slot: adds partials[:, slot] over the blocks of the backward in a fixed order. Slots
-// [0, num_slots) are numerator coefficients, the rest denominator ones; slots past the real counts are unused.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    rational_sum_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks, int count, int num_slots, int m,
-                                 int n, acc_t* __restrict__ grad_numerator, acc_t* __restrict__ grad_denominator) {
-  __shared__ acc_t sums[kThreads];
-  const int slot = blockIdx.x;
-  acc_t sum = acc_t(0);
-  for (int64_t i = threadIdx.x; i < blocks; i += kThreads) sum += partials[i * count + slot];
-  sums[threadIdx.x] = sum;
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
+}
+
+// One block per chunk of kChunk elements (looping over chunks); partials: [chunks, kNum + kDen] sums of each chunk,
+// or nullptr when the coefficient gradients are not needed; grad_x: nullptr when not needed. Within a chunk thread
+// t takes packs t, t + kThreads, ... in order, so the partials do not depend on the grid.
+template <typename scalar_t, int kVec, typename D>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, D>)
+    rational_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                             scalar_t* __restrict__ grad_x, const at::opmath_type<scalar_t>* __restrict__ numerator,
+                             const at::opmath_type<scalar_t>* __restrict__ denominator, int m, int n, int64_t numel,
+                             at::opmath_type<scalar_t>* __restrict__ partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using pack_t = Pack<scalar_t, kVec>;
+  constexpr int kCount = D::kNum + D::kDen;
+  static_assert(kChunk % kVec == 0, "chunks start on a pack");
+  __shared__ Coefficients<acc_t> c;
+  c.load(numerator, denominator, m, n);
+  const bool need_coefficients = partials != nullptr;
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    acc_t acc[kCount];
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) acc[i] = acc_t(0);
+    const int64_t start = chunk * kChunk;
+    const int len = (int)(numel - start < kChunk ? numel - start : kChunk);
+    const int packs = len / kVec;
+    const pack_t* grad_packs = reinterpret_cast<const pack_t*>(grad + start);
+    const pack_t* x_packs = reinterpret_cast<const pack_t*>(x + start);
+    pack_t* out_packs = grad_x == nullptr ? nullptr : reinterpret_cast<pack_t*>(grad_x + start);
+    for (int i = threadIdx.x; i < packs; i += kThreads) {
+      const pack_t g = grad_packs[i];
+      const pack_t in = x_packs[i];
+      pack_t out;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        out.v[v] = static_cast<scalar_t>(rational_grad<D>(static_cast<acc_t>(in.v[v]), static_cast<acc_t>(g.v[v]), c,
+                                                          m, n, acc, need_coefficients));
+      }
+      if (out_packs != nullptr) out_packs[i] = out;
+    }
+    // The last len % kVec elements of the chunk (only the last chunk has any).
+    const int tail = packs * kVec + threadIdx.x;
+    if (tail < len) {
+      const acc_t out = rational_grad<D>(static_cast<acc_t>(x[start + tail]), static_cast<acc_t>(grad[start + tail]),
+                                         c, m, n, acc, need_coefficients);
+      if (grad_x != nullptr) grad_x[start + tail] = static_cast<scalar_t>(out);
+    }
+    if (need_coefficients) block_sum(acc, partials + chunk * kCount);
+  }
+}
+
+// One block per coefficient (m numerator ones, then n denominator ones): adds its column of the chunk partials in the
+// order rational.h fixes (the CPU follows the same order): lane t sums chunks t, t + kLanes, ... in double, then a
+// pairwise tree over the lanes. Writes zeros when there are no chunks.
+template <typename acc_t>
+__global__ void __launch_bounds__(kLanes)
+    rational_sum_partials_kernel(const acc_t* __restrict__ partials, int64_t chunks, int columns, int num_columns,
+                                 int m, const acc_t* __restrict__ denominator, acc_t* __restrict__ grad_numerator,
+                                 acc_t* __restrict__ grad_denominator) {
+  __shared__ double lanes[kLanes];
+  const int slot = blockIdx.x;
+  const int column = slot < m ? slot : num_columns + (slot - m);
+  double sum = 0;
+  for (int64_t chunk = threadIdx.x; chunk < chunks; chunk += kLanes) sum += partials[chunk * columns + column];
+  lanes[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = kLanes / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) lanes[threadIdx.x] += lanes[threadIdx.x + stride];
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    if (slot < num_slots) {
-      if (slot < m) grad_numerator[slot] = sums[0];
-    } else if (slot - num_slots < n) {
-      grad_denominator[slot - num_slots] = sums[0];
+    if (slot < m) {
+      grad_numerator[slot] = static_cast<acc_t>(lanes[0]);
+    } else {
+      // d|b_k x^k| / db_k = sign(b_k) |x|^k, with sign(0) = 0 like torch.abs.
+      const acc_t b = denominator[slot - m];
+      const acc_t sign = static_cast<acc_t>(b > acc_t(0)) - static_cast<acc_t>(b < acc_t(0));
+      grad_denominator[slot - m] = static_cast<acc_t>(-sign * lanes[0]);
     }
   }
 }
 
-template <typename scalar_t>
-int64_t pack_count(int64_t numel) {
-  return numel / (kPackBytes / sizeof(scalar_t));
+// Blocks that fill the device once (SMs x occupancy of the kernel, computed once per kernel), at most `work` and at
+// least one.
+template <auto kernel>
+unsigned int resident_grid(int64_t work) {
+  static const int per_sm = [] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+    return std::max(blocks, 1);
+  }();
+  const int64_t resident = (int64_t)at::cuda::getCurrentDeviceProperties()->multiProcessorCount * per_sm;
+  return (unsigned int)std::max<int64_t>(1, std::min(work, resident));
 }
 
-template <typename scalar_t, typename acc_t, int kNum, int kDen, bool kExact>
-void launch_forward(const at::Tensor& x, at::Tensor& y, const at::Tensor& numerator, const at::Tensor& denominator) {
-  const int64_t numel = x.numel();
-  rational_forward_kernel<scalar_t, acc_t, kNum, kDen, kExact>
-      <<<blocks_for(pack_count<scalar_t>(numel)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), numerator.const_data_ptr<acc_t>(),
-          denominator.const_data_ptr<acc_t>(), (int)numerator.numel(), (int)denominator.numel(), numel);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+bool aligned(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % kPackBytes == 0;
 }
 
-template <typename scalar_t, typename acc_t, int kNum, int kDen, bool kExact>
-void launch_backward(const at::Tensor& grad, const at::Tensor& x, at::Tensor& grad_x, const at::Tensor& numerator,
-                     const at::Tensor& denominator, bool need_x, bool need_coefficients, at::Tensor& grad_numerator,
-                     at::Tensor& grad_denominator) {
-  const int64_t numel = x.numel();
-  const int m = (int)numerator.numel();
-  const int n = (int)denominator.numel();
-  constexpr int kCount = kNum + kDen;
-  const unsigned int blocks = blocks_for(pack_count<scalar_t>(numel));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor partials;
-  if (need_coefficients) partials = at::empty({(int64_t)blocks, kCount}, numerator.options());
-  rational_backward_kernel<scalar_t, acc_t, kNum, kDen, kExact><<<blocks, kThreads, 0, stream>>>(
-      grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-      need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, numerator.const_data_ptr<acc_t>(),
-      denominator.const_data_ptr<acc_t>(), m, n, numel,
-      need_coefficients ? partials.mutable_data_ptr<acc_t>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!need_coefficients) return;
-  rational_sum_partials_kernel<acc_t><<<kCount, kThreads, 0, stream>>>(
-      partials.const_data_ptr<acc_t>(), (int64_t)blocks, kCount, kNum, m, n,
-      grad_numerator.mutable_data_ptr<acc_t>(), n > 0 ? grad_denominator.mutable_data_ptr<acc_t>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool is_default_degrees(const at::Tensor& numerator, const at::Tensor& denominator) {
-  return numerator.numel() == 6 && denominator.numel() == 4;
-}
-
-// Contiguous, and 16-byte aligned so that the packed loads are legal (a view with a storage offset may not be).
-at::Tensor contiguous_aligned(const at::Tensor& t) {
-  auto out = t.contiguous();
-  if (reinterpret_cast<std::uintptr_t>(out.const_data_ptr()) % kPackBytes != 0) {
-    out = out.clone(at::MemoryFormat::Contiguous);
+// Calls f(std::integral_constant<int, kVec>, Degrees) for the kernel variant that fits the operands: packed loads
+// for the default degrees when every operand is aligned; single elements otherwise (the code unrolled over
+// kMaxCoefficients, run for a whole pack at once, would spill registers).
+template <typename scalar_t, typename F>
+void dispatch_variant(bool aligned_operands, const at::Tensor& numerator, const at::Tensor& denominator, const F& f) {
+  if (numerator.numel() != DefaultDegrees::kNum || denominator.numel() != DefaultDegrees::kDen) {
+    f(std::integral_constant<int, 1>{}, AnyDegrees{});
+  } else if (aligned_operands) {
+    f(std::integral_constant<int, kPackBytes / sizeof(scalar_t)>{}, DefaultDegrees{});
+  } else {
+    f(std::integral_constant<int, 1>{}, DefaultDegrees{});
   }
-  return out;
 }
 
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(numerator.device() == x.device(), op, ": numerator must be on x's device ", x.device(), ", got ",
-              numerator.device());
-  TORCH_CHECK(denominator.device() == x.device(), op, ": denominator must be on x's device ", x.device(), ", got ",
-              denominator.device());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": x must be float32, float64, float16 or bfloat16 on CUDA, got ", dtype);
-  const auto coefficient_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(numerator.scalar_type() == coefficient_dtype, op, ": numerator must be ", coefficient_dtype,
-              " for x of dtype ", dtype, ", got ", numerator.scalar_type());
-  TORCH_CHECK(denominator.scalar_type() == coefficient_dtype, op, ": denominator must be ", coefficient_dtype,
-              " for x of dtype ", dtype, ", got ", denominator.scalar_type());
-  TORCH_CHECK(numerator.dim() == 1 && numerator.numel() >= 1 && numerator.numel() <= kMaxCoefficients, op,
-              ": numerator must be a 1-D tensor of 1 to ", kMaxCoefficients, " coefficients, got shape ",
-              numerator.sizes());
-  TORCH_CHECK(denominator.dim() == 1 && denominator.numel() <= kMaxCoefficients, op,
-              ": denominator must be a 1-D tensor of at most ", kMaxCoefficients, " coefficients, got shape ",
-              denominator.sizes());
-}
+struct CudaKernels {
+  static void forward(const at::Tensor& x, at::Tensor& y, const at::Tensor& numerator, const at::Tensor& denominator) {
+    c10::cuda::CUDAGuard guard(x.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_forward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_variant<scalar_t>(aligned(x) && aligned(y), numerator, denominator, [&](auto vec, auto degrees) {
+        constexpr int kVec = decltype(vec)::value;
+        constexpr auto kernel = rational_forward_kernel<scalar_t, kVec, decltype(degrees)>;
+        const int64_t numel = x.numel();
+        const unsigned int grid = resident_grid<kernel>(ceil_div(numel / kVec, (int64_t)kThreads * kForwardUnroll));
+        kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), numerator.const_data_ptr<acc_t>(),
+            denominator.const_data_ptr<acc_t>(), (int)numerator.numel(), (int)denominator.numel(), numel);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
 
-at::Tensor rational_forward_cuda(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator) {
-  check_inputs("rational", x, numerator, denominator);
-  c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (x.numel() == 0) return y;
-  const auto x_ = contiguous_aligned(x);
-  const auto a = numerator.contiguous();
-  const auto b = denominator.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (is_default_degrees(a, b)) {
-      launch_forward<scalar_t, acc_t, 6, 4, true>(x_, y, a, b);
-    } else {
-      launch_forward<scalar_t, acc_t, kMaxCoefficients, kMaxCoefficients, false>(x_, y, a, b);
-    }
-  });
-  return y;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rational_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                                      const at::Tensor& numerator,
-                                                                      const at::Tensor& denominator, bool need_x,
-                                                                      bool need_coefficients) {
-  check_inputs("_rational_backward", x, numerator, denominator);
-  TORCH_CHECK(grad.device() == x.device(), "_rational_backward: grad must be on x's device ", x.device(), ", got ",
-              grad.device());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "_rational_backward: grad must have x's dtype ",
-              x.scalar_type(), ", got ", grad.scalar_type());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "_rational_backward: grad must have x's shape ", x.sizes(), ", got ",
-              grad.sizes());
-  c10::cuda::CUDAGuard guard(x.device());
-  auto grad_x = need_x ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                       : at::empty({0}, x.options());
-  auto grad_numerator = need_coefficients ? at::zeros_like(numerator, at::MemoryFormat::Contiguous)
-                                          : at::empty({0}, numerator.options());
-  auto grad_denominator = need_coefficients ? at::zeros_like(denominator, at::MemoryFormat::Contiguous)
-                                            : at::empty({0}, denominator.options());
-  if (x.numel() == 0 || (!need_x && !need_coefficients)) return {grad_x, grad_numerator, grad_denominator};
-  const auto grad_ = contiguous_aligned(grad);
-  const auto x_ = contiguous_aligned(x);
-  const auto a = numerator.contiguous();
-  const auto b = denominator.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (is_default_degrees(a, b)) {
-      launch_backward<scalar_t, acc_t, 6, 4, true>(grad_, x_, grad_x, a, b, need_x, need_coefficients,
-                                                   grad_numerator, grad_denominator);
-    } else {
-      launch_backward<scalar_t, acc_t, kMaxCoefficients, kMaxCoefficients, false>(
-          grad_, x_, grad_x, a, b, need_x, need_coefficients, grad_numerator, grad_denominator);
-    }
-  });
-  return {grad_x, grad_numerator, grad_denominator};
-}
+  static void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& numerator,
+                       const at::Tensor& denominator, at::Tensor& grad_x, at::Tensor& grad_numerator,
+                       at::Tensor& grad_denominator) {
+    c10::cuda::CUDAGuard guard(x.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rational_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const bool packed = aligned(grad) && aligned(x) && aligned(grad_x);
+      dispatch_variant<scalar_t>(packed, numerator, denominator, [&](auto vec, auto degrees) {
+        using D = decltype(degrees);
+        constexpr int kCount = D::kNum + D::kDen;
+        constexpr auto kernel = rational_backward_kernel<scalar_t, decltype(vec)::value, D>;
+        const int64_t numel = x.numel();
+        const int64_t chunks = ceil_div(numel, kChunk);
+        const int m = (int)numerator.numel();
+        const int n = (int)denominator.numel();
+        auto stream = at::cuda::getCurrentCUDAStream();
+        at::Tensor partials;
+        if (grad_numerator.defined()) partials = at::empty({chunks, kCount}, numerator.options());
+        if (numel > 0) {
+          kernel<<<resident_grid<kernel>(chunks), kThreads, 0, stream>>>(
+              grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+              grad_x.defined() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, numerator.const_data_ptr<acc_t>(),
+              denominator.const_data_ptr<acc_t>(), m, n, numel,
+              partials.defined() ? partials.mutable_data_ptr<acc_t>() : nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (!partials.defined()) return;
+        rational_sum_partials_kernel<acc_t><<<m + n, kLanes, 0, stream>>>(
+            partials.const_data_ptr<acc_t>(), chunks, kCount, D::kNum, m, denominator.const_data_ptr<acc_t>(),
+            grad_numerator.mutable_data_ptr<acc_t>(), grad_denominator.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cim_ext, CUDA, m) {
-  m.impl("rational", &rational_forward_cuda);
-  m.impl("_rational_backward", &rational_backward_cuda);
+  m.impl("rational", &rational::forward<CudaKernels>);
+  m.impl("_rational_backward", &rational::backward<CudaKernels>);
 }
 
 }  // namespace cim_ext
