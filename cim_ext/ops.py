@@ -302,4 +302,5 @@ def rational(x, numerator, denominator):
         channels_last). Computed with the coefficients cast to float64 for float64 x, else float32. Differentiable in
         x and both coefficient vectors. Bad arguments raise ValueError naming the argument (checked in the kernels).
     """
+    _tensors(x=x, numerator=numerator, denominator=denominator)
     return torch.ops.cim_ext.rational(x, numerator, denominator)
