@@ -14,7 +14,7 @@ from cim_ext import reference
 from . import baselines, cases
 
 DEVICE = cases.DEVICE
-ROUNDS = 3 if cases.QUICK else 10
+ROUNDS = 3 if cases.QUICK else 20
 
 
 def _sync():
