@@ -202,9 +202,13 @@ def compress_cost(boxes, sizes, ratio):
     if boxes.dtype != torch.int64 or boxes.dim() != 2 or boxes.shape[1] != 4:
         _fail("boxes", "an int64 tensor of shape (B, 4)", f"{boxes.dtype} {tuple(boxes.shape)}")
     size, per_sample = _size_args(sizes)
-    image_area = float(size[0] * size[1]) if per_sample is None else (per_sample[:, 0] * per_sample[:, 1]).to(torch.float64)
+    if per_sample is None:
+        image_area = float(size[0] * size[1])
+    else:
+        image_area = (per_sample[:, 0] * per_sample[:, 1]).to(torch.float64)
     fraction = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).to(torch.float64) / image_area
-    if boxes.device.type == "cpu" and not torch.compiler.is_compiling() and bool(((fraction < 0) | (fraction > 1)).any()):
+    checkable = boxes.device.type == "cpu" and not torch.compiler.is_compiling()  # no device wait, no graph break
+    if checkable and bool(((fraction < 0) | (fraction > 1)).any()):
         _fail("boxes", "boxes inside their images (area fraction in [0, 1])", fraction.tolist())
     return fraction + (1 - fraction) / ratio
 

@@ -101,7 +101,8 @@ def test_layouts_match_reference_on_the_same_tensor(device, channels, layout):
         boxes = random_boxes(2, height, width, seed=height, device=device)
         out = cim_ext.compress(x, boxes, ratio)
         # Channels-last in, channels-last out (read in place); any other layout gives NCHW.
-        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        assert out.is_contiguous(memory_format=expected_format)
         assert_equal(out, reference.compress(x, boxes, ratio))
 
 
@@ -308,7 +309,8 @@ def clamp_boxes(boxes, height, width):
 @pytest.mark.cuda
 def test_cuda_bad_boxes_are_clamped_and_reported_without_host_sync():
     """compress and uncompress never wait for the GPU: the kernels clamp boxes outside the image, record the first
-    one as a deferred error (raised by check_errors or the next cim_ext call) and stay inside crops whatever its size."""
+    one as a deferred error (raised by check_errors or the next cim_ext call) and stay inside crops whatever its
+    size."""
     height, width = 20, 24
     x = random_images((4, 3, height, width), torch.uint8, "cuda")
     bad = torch.tensor([[-5, 4, 3, 30], [18, 25, -2, -1], [9, 3, 5, 7], [0, 20, 0, 24]], device="cuda")
@@ -361,7 +363,8 @@ def test_opcheck(device, dtype):
     x = random_images((2, 3, 13, 9), dtype, device)
     boxes = random_boxes(2, 13, 9, device=device)
     torch.library.opcheck(torch.ops.cim_ext.compress.default, (x, boxes, 4.0))
-    torch.library.opcheck(torch.ops.cim_ext.compress.default, (x.contiguous(memory_format=torch.channels_last), boxes, 4.0))
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.cim_ext.compress.default, (channels_last, boxes, 4.0))
     small, crops = cim_ext.compress_parts(x, boxes, 4.0)
     torch.library.opcheck(torch.ops.cim_ext.uncompress.default, (small, crops, boxes, 13, 9))
 
