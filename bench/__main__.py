@@ -114,8 +114,8 @@ def main(argv=None):
     env = dict(os.environ, CIM_BENCH_QUICK="1" if args.quick else "0", CIM_BENCH_DEVICE=args.device)
     if args.device == "cpu" and not args.no_huge_pages:
         # Every op returns a fresh tensor; without transparent huge pages the page faults of a fresh 38 MB output
-        # cost more than writing it (a clone of the B = 256 image batch: 18 ms vs 1.9 ms for a copy into an
-        # existing buffer on our 2-core box), for every implementation alike.
+        # cost more than writing it (a clone of the B = 256 image batch: 12.9 ms vs 1.1-2.0 ms for a copy into an
+        # existing buffer on our 2-core VM; 3.3 ms with huge pages), for every implementation alike.
         env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = os.path.join(tmp, "raw.json")
