@@ -28,7 +28,8 @@ std::string message(const Report& r) {
       return where + "labels: expected values in [0, " + std::to_string(r.limit) + ") (rows of weight), got " +
              std::to_string(r.value) + " at index " + std::to_string(r.index);
     case kSize:
-      return where + "sizes: expected positive heights and widths, got " + std::to_string(r.value) + " for sample " +
+      return where + "sizes: expected positive heights and widths (below 2^31 on CUDA), got " +
+             std::to_string(r.value) + " for sample " +
              std::to_string(r.index);
     case kBox:
       return where + "boxes: expected 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W, got row " +
