@@ -191,14 +191,14 @@ RowPlan make_row_plan(const std::vector<int64_t>& cols, int64_t unit, int64_t sr
 
 #if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("ssse3"))) void shuffle_chunks_ssse3(
-    const std::vector<Chunk>& chunks, const uint8_t* src, uint8_t* dst) {
-  for (const Chunk& c : chunks) {
-    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c.lo));
-    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c.hi));
-    const __m128i mask_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c.mask_lo.data()));
-    const __m128i mask_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c.mask_hi.data()));
+    const Chunk* begin, const Chunk* end, const uint8_t* src, uint8_t* dst) {
+  for (const Chunk* c = begin; c != end; ++c) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c->lo));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c->hi));
+    const __m128i mask_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c->mask_lo.data()));
+    const __m128i mask_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c->mask_hi.data()));
     const __m128i out = _mm_or_si128(_mm_shuffle_epi8(lo, mask_lo), _mm_shuffle_epi8(hi, mask_hi));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c.dst), out);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c->dst), out);
   }
 }
 
@@ -209,28 +209,43 @@ bool has_ssse3() {
 #endif
 
 // The same shuffle one byte at a time, for CPUs without SSSE3.
-void shuffle_chunks_scalar(const std::vector<Chunk>& chunks, const uint8_t* src, uint8_t* dst) {
-  for (const Chunk& c : chunks) {
+void shuffle_chunks_scalar(const Chunk* begin, const Chunk* end, const uint8_t* src, uint8_t* dst) {
+  for (const Chunk* c = begin; c != end; ++c) {
     for (int64_t i = 0; i < kChunk; ++i) {
-      dst[c.dst + i] = c.mask_lo[i] != kOther ? src[c.lo + c.mask_lo[i]] : src[c.hi + c.mask_hi[i]];
+      dst[c->dst + i] = c->mask_lo[i] != kOther ? src[c->lo + c->mask_lo[i]] : src[c->hi + c->mask_hi[i]];
     }
   }
 }
 
-void gather_row(const RowPlan& plan, const uint8_t* src, uint8_t* dst) {
-  if (plan.chunks.empty()) {
-    for (size_t i = 0; i < plan.bytes.size(); ++i) {
-      dst[i] = src[plan.bytes[i]];
-    }
-    return;
-  }
+void shuffle_chunks(const Chunk* begin, const Chunk* end, const uint8_t* src, uint8_t* dst) {
 #if defined(__x86_64__) || defined(__i386__)
   if (has_ssse3()) {
-    shuffle_chunks_ssse3(plan.chunks, src, dst);
+    shuffle_chunks_ssse3(begin, end, src, dst);
     return;
   }
 #endif
-  shuffle_chunks_scalar(plan.chunks, src, dst);
+  shuffle_chunks_scalar(begin, end, src, dst);
+}
+
+// The background of one output row, except the bytes [skip_begin, skip_end) that the box will overwrite (chunks
+// wholly inside that span are skipped; the others are written whole).
+void gather_row(const RowPlan& plan, const uint8_t* src, uint8_t* dst, int64_t skip_begin, int64_t skip_end) {
+  if (plan.chunks.empty()) {
+    const int64_t size = static_cast<int64_t>(plan.bytes.size());
+    for (int64_t i = 0; i < size; ++i) {
+      if (i == skip_begin) i = std::max(skip_begin, skip_end);
+      if (i < size) dst[i] = src[plan.bytes[i]];
+    }
+    return;
+  }
+  const Chunk* first = plan.chunks.data();
+  const Chunk* last = first + plan.chunks.size();
+  // Chunks are in output order: [first, inside) ends before the span, [inside, after) lie wholly inside it.
+  const Chunk* inside = std::lower_bound(first, last, skip_begin, [](const Chunk& c, int64_t b) { return c.dst < b; });
+  const Chunk* after = inside;
+  while (after != last && after->dst + kChunk <= skip_end) ++after;
+  shuffle_chunks(first, inside, src, dst);
+  shuffle_chunks(after, last, src, dst);
 }
 
 // Geometry of a [B, C, H, W] tensor in the byte view of the kernels: `planes` planes of H rows of W units.
@@ -251,14 +266,26 @@ Planes planes_of(const at::Tensor& t, at::MemoryFormat format) {
 constexpr int64_t kPrefetchRows = 4;  // how far ahead fill_rows prefetches source rows
 constexpr int64_t kCacheLine = 64;
 
-// Fills every row of an output of `planes` planes x `height` rows of `row_bytes`, in parallel: first the background,
-// gathered through `plan` from row rows[y] of the plane's source (or copied from the previous output row when that
-// came from the same source row and holds nothing else), then paste(plane, y, dst), which returns whether it wrote
-// box pixels into the row.
-template <typename Paste>
+// A row's box span in bytes, [begin, end); empty (begin == end) for a row outside the box.
+struct Span {
+  int64_t begin, end;
+};
+
+// Fills every row of an output of `planes` planes x `height` rows of `row_bytes`, in parallel: first the background
+// outside the row's box span span_of(plane, y), gathered through `plan` from row rows[y] of the plane's source (or
+// copied from the previous output row when that came from the same source row and holds no box), then, for a
+// non-empty span, paste(plane, y, dst, span) writes the box pixels.
+// The bytes of row y that box (y0, y1, x0, x1) covers, with `unit` bytes per column.
+Span box_span(const int64_t* box, int64_t y, int64_t unit) {
+  if (y < box[0] || y >= box[1] || box[2] == box[3]) return {0, 0};
+  return {box[2] * unit, box[3] * unit};
+}
+
+template <typename SpanOf, typename Paste>
 void fill_rows(
     const RowPlan& plan, const std::vector<int64_t>& rows, const uint8_t* src, int64_t src_row_bytes,
-    int64_t src_rows, int64_t planes, int64_t height, int64_t row_bytes, uint8_t* out, const Paste& paste) {
+    int64_t src_rows, int64_t planes, int64_t height, int64_t row_bytes, uint8_t* out, const SpanOf& span_of,
+    const Paste& paste) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / row_bytes);
   const auto source_of = [&](int64_t plane, int64_t y) { return src + (plane * src_rows + rows[y]) * src_row_bytes; };
   at::parallel_for(0, planes * height, grain, [&](int64_t begin, int64_t end) {
@@ -282,14 +309,16 @@ void fill_rows(
       }
       uint8_t* dst = out + row * row_bytes;
       const uint8_t* source = source_of(plane, y);
-      if (source == background_source) {
+      const Span span = span_of(plane, y);
+      const bool boxed = span.end > span.begin;
+      if (!boxed && source == background_source) {
         std::memcpy(dst, background, row_bytes);
       } else {
-        gather_row(plan, source, dst);
+        gather_row(plan, source, dst, span.begin, span.end);
       }
-      const bool pasted = paste(plane, y, dst);
-      background = pasted ? nullptr : dst;
-      background_source = pasted ? nullptr : source;
+      if (boxed) paste(plane, y, dst, span);
+      background = boxed ? nullptr : dst;
+      background_source = boxed ? nullptr : source;
       if (++y == height) {
         y = 0;
         ++plane;
@@ -315,13 +344,10 @@ at::Tensor compress_cpu(const at::Tensor& images, const at::Tensor& boxes, doubl
   const int64_t* box_data = boxes_c.const_data_ptr<int64_t>();
   fill_rows(
       make_row_plan(maps.cols, unit, row_bytes), maps.rows, in, row_bytes, height, geometry.planes, height, row_bytes,
-      static_cast<uint8_t*>(output.mutable_data_ptr()), [&](int64_t plane, int64_t y, uint8_t* dst) {
-        const int64_t* box = box_data + 4 * (plane / geometry.planes_per_sample);
-        if (y < box[0] || y >= box[1] || box[2] == box[3]) {
-          return false;
-        }
-        std::memcpy(dst + box[2] * unit, in + (plane * height + y) * row_bytes + box[2] * unit, (box[3] - box[2]) * unit);
-        return true;
+      static_cast<uint8_t*>(output.mutable_data_ptr()),
+      [&](int64_t plane, int64_t y) { return box_span(box_data + 4 * (plane / geometry.planes_per_sample), y, unit); },
+      [&](int64_t plane, int64_t y, uint8_t* dst, Span span) {
+        std::memcpy(dst + span.begin, in + (plane * height + y) * row_bytes + span.begin, span.end - span.begin);
       });
   return output;
 }
@@ -350,15 +376,13 @@ at::Tensor uncompress_cpu(
   fill_rows(
       make_row_plan(maps.cols, unit, small_row_bytes), maps.rows, static_cast<const uint8_t*>(small_c.const_data_ptr()),
       small_row_bytes, small.size(2), batch * channels, height, row_bytes,
-      static_cast<uint8_t*>(output.mutable_data_ptr()), [&](int64_t plane, int64_t y, uint8_t* dst) {
+      static_cast<uint8_t*>(output.mutable_data_ptr()),
+      [&](int64_t plane, int64_t y) { return box_span(box_data + 4 * (plane / channels), y, unit); },
+      [&](int64_t plane, int64_t y, uint8_t* dst, Span span) {
         const int64_t b = plane / channels, c = plane % channels;
         const int64_t* box = box_data + 4 * b;
-        if (y < box[0] || y >= box[1] || box[2] == box[3]) {
-          return false;
-        }
-        const int64_t box_h = box[1] - box[0], box_w = box[3] - box[2];
-        std::memcpy(dst + box[2] * unit, crop_bytes + offsets[b] + (c * box_h + (y - box[0])) * box_w * unit, box_w * unit);
-        return true;
+        const int64_t box_h = box[1] - box[0], span_bytes = span.end - span.begin;
+        std::memcpy(dst + span.begin, crop_bytes + offsets[b] + (c * box_h + (y - box[0])) * span_bytes, span_bytes);
       });
   return output;
 }
