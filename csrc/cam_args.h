@@ -91,8 +91,8 @@ inline void check_maps(const at::Tensor& cams) {
   check_no_nan(cams, "cams");
 }
 
-// Target sizes of the box ops: one (H, W) for the batch, or an int64 tensor [B, 2] (`per_sample`, on the maps'
-// device). Exactly one of `size` and `sizes` is given.
+// Target sizes of the box ops: one (H, W) for the batch, or an integer tensor [B, 2] (`per_sample`, as int64, on the
+// maps' device). Exactly one of `size` and `sizes` is given.
 struct Sizes {
   at::Tensor per_sample;
   int64_t height = 0, width = 0;
@@ -111,12 +111,12 @@ inline Sizes resolve_sizes(at::OptionalIntArrayRef size, const std::optional<at:
     return out;
   }
   const auto& per_sample = *sizes;
-  CIM_CHECK_ARG(per_sample.scalar_type() == at::kLong, "sizes", "an int64 tensor [B, 2] or a pair (H, W)",
-                per_sample.scalar_type());
+  CIM_CHECK_ARG(at::isIntegralType(per_sample.scalar_type(), /*includeBool=*/false), "sizes",
+                "an integer tensor [B, 2] or a pair (H, W)", per_sample.scalar_type());
   CIM_CHECK_ARG(per_sample.dim() == 2 && per_sample.size(0) == batch && per_sample.size(1) == 2, "sizes",
                 c10::str("shape (", batch, ", 2)"), c10::str("shape ", per_sample.sizes()));
   check_same_device(per_sample, "sizes", like, like_name);
-  out.per_sample = per_sample.contiguous();
+  out.per_sample = per_sample.to(at::kLong).contiguous();
   if (out.per_sample.is_cpu()) {
     const int64_t* hw = out.per_sample.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < 2 * batch; ++i) {

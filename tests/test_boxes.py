@@ -547,6 +547,14 @@ def test_boxes_bad_input():
             fn(*args)
 
 
+def test_boxes_take_any_integer_sizes():
+    cams = torch.rand(2, 3, 4)
+    sizes = torch.tensor([[9, 7], [5, 11]])
+    expected = cim_ext.cam_boxes(cams, sizes, 0.5)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(cim_ext.cam_boxes(cams, sizes.to(dtype), 0.5), expected)
+
+
 def test_boxes_op_bad_input_names_argument():
     cams = torch.rand(2, 3, 4)
     sizes = torch.tensor([[4, 4], [5, 5]])
@@ -557,7 +565,7 @@ def test_boxes_op_bad_input_names_argument():
         (ops.cam_boxes, (cams[0], None, sizes, 0.0, thresholds), "cams"),
         (ops.cam_boxes, (cams.int(), None, sizes, 0.0, thresholds), "cams"),
         (ops.cam_boxes, (cams, None, sizes[:1], 0.0, thresholds), "sizes"),
-        (ops.cam_boxes, (cams, None, sizes.int(), 0.0, thresholds), "sizes"),
+        (ops.cam_boxes, (cams, None, sizes.float(), 0.0, thresholds), "sizes"),
         (ops.cam_boxes, (cams, None, -sizes, 0.0, thresholds), "sizes"),
         (ops.cam_boxes, (cams, None, None, 0.5, None), "sizes"),
         (ops.cam_boxes, (cams, [4, 4], sizes, 0.5, None), "sizes"),

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <utility>
 #include <vector>
 
 #include "cam_args.h"
@@ -12,16 +13,15 @@
 namespace cim_ext {
 namespace {
 
-// Per-sample (H, W) of the resolved sizes.
+// Per-sample (H, W) of the resolved sizes (kept alive here: they may be a converted copy of the argument).
 struct HostSizes {
-  explicit HostSizes(const Sizes& sizes)
-      : hw(sizes.per_sample.defined() ? sizes.per_sample.const_data_ptr<int64_t>() : nullptr),
-        height(sizes.height),
-        width(sizes.width) {}
-  int64_t H(int64_t b) const { return hw ? hw[2 * b] : height; }
-  int64_t W(int64_t b) const { return hw ? hw[2 * b + 1] : width; }
+  explicit HostSizes(Sizes resolved)
+      : sizes(std::move(resolved)),
+        hw(sizes.per_sample.defined() ? sizes.per_sample.const_data_ptr<int64_t>() : nullptr) {}
+  int64_t H(int64_t b) const { return hw ? hw[2 * b] : sizes.height; }
+  int64_t W(int64_t b) const { return hw ? hw[2 * b + 1] : sizes.width; }
+  Sizes sizes;
   const int64_t* hw;
-  int64_t height, width;
 };
 
 template <typename scalar_t>
