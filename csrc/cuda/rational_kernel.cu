@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/deferred_errors.cuh"
 #include "cuda/helpers.cuh"
 #include "rational.h"
 
@@ -391,11 +392,25 @@ struct CudaKernels {
   }
 };
 
+// Entry points: like every cim_ext CUDA op, first raise a value error an earlier kernel recorded.
+at::Tensor rational_cuda(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator) {
+  deferred::raise_deferred_errors();
+  return rational::forward<CudaKernels>(x, numerator, denominator);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rational_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                      const at::Tensor& numerator,
+                                                                      const at::Tensor& denominator, bool need_x,
+                                                                      bool need_coefficients) {
+  deferred::raise_deferred_errors();
+  return rational::backward<CudaKernels>(grad, x, numerator, denominator, need_x, need_coefficients);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cim_ext, CUDA, m) {
-  m.impl("rational", &rational::forward<CudaKernels>);
-  m.impl("_rational_backward", &rational::backward<CudaKernels>);
+  m.impl("rational", &rational_cuda);
+  m.impl("_rational_backward", &rational_backward_cuda);
 }
 
 }  // namespace cim_ext
