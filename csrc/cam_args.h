@@ -25,7 +25,7 @@ struct FmapsLayout {
 };
 
 inline FmapsLayout fmaps_layout(const at::Tensor& fmaps) {
-  if (!fmaps.is_contiguous() && fmaps.is_contiguous(at::MemoryFormat::ChannelsLast)) return {fmaps, true};
+  if (channels_last_only(fmaps)) return {fmaps, true};
   return {fmaps.contiguous(), false};
 }
 

@@ -35,6 +35,12 @@ inline void check_same_device(const at::Tensor& tensor, const char* name, const 
                 tensor.device());
 }
 
+// Whether a 4-D tensor is read in place as channels-last: NHWC-contiguous but not NCHW-contiguous (a tensor that is
+// both, such as C = 1, is read as NCHW).
+inline bool channels_last_only(const at::Tensor& tensor) {
+  return !tensor.is_contiguous() && tensor.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 inline void check_ratio(double ratio) {
   CIM_CHECK_ARG(std::isfinite(ratio) && ratio >= 1.0, "ratio", "a finite real number >= 1", ratio);
 }

@@ -86,8 +86,7 @@ int64_t crop_size(const int64_t* box, int64_t channels) { return channels * (box
 }  // namespace
 
 at::MemoryFormat compress_output_format(const at::Tensor& images) {
-  return !images.is_contiguous() && images.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
-                                                                                         : at::MemoryFormat::Contiguous;
+  return channels_last_only(images) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 void check_compress_args(const at::Tensor& images, const at::Tensor& boxes, double ratio) {
