@@ -9,15 +9,13 @@ def cuda_available():
     return torch.cuda.is_available() and cim_ext.cuda_compiled()
 
 
+#: Skips a test without a CUDA device and a CUDA build (CUDA tests also carry the `cuda` mark).
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and build")
+
+
 def cpu_and_cuda():
     """Parametrise over "cpu" and "cuda"; the CUDA case carries the `cuda` mark and skips without a GPU."""
-    return [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[pytest.mark.cuda, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and build")],
-        ),
-    ]
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 import cim_ext
 from cim_ext import reference
 
-from conftest import cpu_and_cuda, cuda_available
+from conftest import cpu_and_cuda, needs_cuda
 
-needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and build")
 
 RATIOS = [1.0, 2.0, 3.7, 4.0, 9.0, 16.0, 100.0]
 # Larger sides take ATen's generic CPU kernel (out_h + out_w > 128), which rounds ties differently from the small-

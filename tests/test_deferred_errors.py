@@ -5,9 +5,7 @@ import pytest
 import torch
 
 import cim_ext
-from conftest import cuda_available
-
-needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and build")]
+from conftest import needs_cuda
 
 
 def _cam_inputs(device):
@@ -38,9 +36,10 @@ def _run(op, fmaps, weight, labels):
     return cim_ext.cam_to_boxes(fmaps, weight, labels, (10, 12), 0.6)
 
 
+@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("op", ["cam", "cam_backward", "cam_to_boxes"])
-@pytest.mark.parametrize("_", [pytest.param(None, marks=needs_cuda)])
-def test_cuda_bad_labels_are_deferred_not_fatal(op, _):
+def test_cuda_bad_labels_are_deferred_not_fatal(op):
     fmaps, weight = _cam_inputs("cuda")
     out = _run(op, fmaps, weight, torch.tensor([0, 3, 1], device="cuda"))
     with pytest.raises(ValueError, match=r"labels: expected values in \[0, 3\).*3 at index 1"):
@@ -52,8 +51,9 @@ def test_cuda_bad_labels_are_deferred_not_fatal(op, _):
     cim_ext.check_errors()
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=needs_cuda)])
-def test_cuda_deferred_error_surfaces_at_the_next_call(_):
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_deferred_error_surfaces_at_the_next_call():
     fmaps, weight = _cam_inputs("cuda")
     cim_ext.cam(fmaps, weight, torch.tensor([0, -1, 1], device="cuda"))
     torch.cuda.synchronize()
@@ -66,8 +66,9 @@ def test_cuda_deferred_error_surfaces_at_the_next_call(_):
     assert boxes[1].tolist() == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("_", [pytest.param(None, marks=needs_cuda)])
-def test_cuda_calls_never_wait_for_the_device(_):
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_calls_never_wait_for_the_device():
     fmaps, weight = _cam_inputs("cuda")
     labels = torch.tensor([0, 2, 1], device="cuda")
     images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8, device="cuda")

@@ -8,9 +8,8 @@ import cim_ext
 from cim_ext import reference
 from cim_ext.nn import RELU_INIT
 
-from conftest import cpu_and_cuda, cuda_available
+from conftest import cpu_and_cuda, needs_cuda
 
-needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and build")
 
 SHAPES = [(), (1,), (7,), (3, 5), (1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 9, 13), (4099,)]
 DEGREES = [(6, 4), (1, 1), (2, 1), (3, 2), (4, 7), (7, 3), (16, 16)]

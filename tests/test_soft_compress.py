@@ -8,9 +8,8 @@ from hypothesis import strategies as st
 import cim_ext
 from cim_ext import reference
 
-from conftest import cpu_and_cuda, cuda_available
+from conftest import cpu_and_cuda, needs_cuda
 
-needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and build")
 
 # The forward repeats the reference's arithmetic (on CPU bit for bit, FMAs included); the bound allows for the
 # last bit where a platform fuses differently. Gradients sum in a different order than autograd does.
