@@ -47,6 +47,9 @@ __all__ = [
     "meta_objective",
     "meta_step",
     "compute_boxes",
+    "truth_boxes",
+    "calibrate_threshold",
+    "CALIBRATION_GRID",
     "num_meta_iters",
     "upcast",
     "refresh_due",
@@ -364,6 +367,60 @@ def compute_boxes(model: nn.Module, loader, *, activation: str, threshold: Union
         empty = torch.zeros(0, dtype=torch.int64)
         return BoxTable(empty, empty.reshape(0, 4), empty.reshape(0, 2))
     return BoxTable(torch.cat(indices), torch.cat(boxes), torch.cat(sizes), torch.cat(cams))
+
+
+def truth_boxes(imageset, indices) -> BoxTable:
+    """Boxes from the source's own object boxes (``compression="gt"``): for each readable image of ``indices`` the
+    one box around its true boxes (:meth:`~training.data.boxes.ObjectBoxes.enclosing`; the whole image, i.e. kept
+    uncompressed, where it has none), at its original size."""
+    truth = imageset.object_boxes
+    kept, boxes, sizes = [], [], []
+    for index in indices:
+        image = imageset.load(int(index))
+        if image is None:
+            continue
+        size = tuple(image.shape[-2:])
+        kept.append(int(index))
+        boxes.append(truth.enclosing(int(index), size))
+        sizes.append(size)
+    as_tensor = lambda rows, width: torch.tensor(rows, dtype=torch.int64).reshape(-1, width)  # noqa: E731
+    return BoxTable(as_tensor(kept, 1).reshape(-1), as_tensor(boxes, 4), as_tensor(sizes, 2))
+
+
+#: Thresholds tried by :func:`calibrate_threshold`.
+CALIBRATION_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+@torch.no_grad()
+def calibrate_threshold(model: nn.Module, loader, truth, *, activation: str, runtime, classifier: str = "fc",
+                        grid=CALIBRATION_GRID) -> dict:
+    """The fixed CAM threshold whose boxes best match the true boxes of the images of a :class:`CamDataset` loader
+    (held-out images: ``threshold="calibrated"``).
+
+    Returns {"threshold": the best of ``grid`` by mean IoU (ties: the higher threshold, i.e. the smaller boxes),
+    "iou": {threshold: mean IoU}, "otsu_iou": the per-image Otsu threshold's, "images": how many were scored}."""
+    was_training = model.training
+    model.eval()
+    weight = getattr(model, classifier).weight.detach()
+    cams, sizes, indices = [], [], []
+    try:
+        for images, labels, index, size in loader:
+            with runtime.autocast():
+                fmaps = model(runtime.to_device(images, image=True), activation=activation)["fmaps"]
+                cams.append(cim_ext.cam(fmaps, weight, labels.to(runtime.device)).float().cpu())
+            sizes.append(size)
+            indices.append(index.to(torch.int64))
+    finally:
+        model.train(was_training)
+    if not cams:
+        raise ValueError("threshold=calibrated: no readable held-out image of the phase-0 classes")
+    cams, sizes, indices = torch.cat(cams), torch.cat(sizes), torch.cat(indices)
+    score = lambda boxes: float(truth.best_iou(indices, boxes).nanmean())  # noqa: E731
+    curve = {float(t): score(cim_ext.cam_boxes(cams, sizes, float(t))) for t in grid}
+    best = max(sorted(curve, reverse=True), key=lambda t: curve[t])
+    thresholds = cim_ext.otsu_threshold(cams, sizes)
+    return {"threshold": best, "iou": curve, "otsu_iou": score(cim_ext.cam_boxes(cams, sizes, thresholds)),
+            "images": int(len(indices))}
 
 
 def _maybe_tqdm(iterable, enabled: bool, desc: str):

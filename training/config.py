@@ -37,7 +37,7 @@ __all__ = [
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
-COMPRESSION_MODES = ("none", "downsample", "cam", "cim")
+COMPRESSION_MODES = ("none", "downsample", "cam", "cim", "gt")
 BACKBONES = ("resnet18", "resnet32", "resnet20", "resnet14", "resnet8")
 DATASETS = ("synthetic", "imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101")
 
@@ -99,10 +99,13 @@ class Config:
     is_student_wa: bool = False
     wa_value: float = 1.0
     # CIM
-    compression: Literal["none", "downsample", "cam", "cim"] = "cim"
+    # gt: the source's own object boxes (the ceiling of any box method; needs a source with boxes)
+    compression: Literal["none", "downsample", "cam", "cim", "gt"] = "cim"
     compress_ratio: float = 4.0
     mask_threshold: float = 0.6
-    threshold: Union[float, Literal["otsu"], None] = None  # None: mask_threshold; "otsu": per-image Otsu
+    # None: mask_threshold; "otsu": per-image Otsu; "calibrated": the fixed threshold whose boxes best match the true
+    # boxes of held-out images of the phase-0 classes (data_options.heldout_per_class), chosen at the end of phase 0
+    threshold: Union[float, Literal["otsu", "calibrated"], None] = None
     meta_batch_size: int = 16
     cam_batch_size: int = 16
     num_meta_iters_per_cls: float = 0.5
@@ -378,7 +381,7 @@ def _check_ranges(cfg: Config) -> None:
          f"'none' with learner={cfg.learner!r} (the bounds keep no exemplars)")
     need(0 <= cfg.mask_threshold <= 1, "mask_threshold", "a number in [0, 1]")
     if isinstance(cfg.threshold, float):
-        need(0 <= cfg.threshold <= 1, "threshold", "a number in [0, 1] or 'otsu'")
+        need(0 <= cfg.threshold <= 1, "threshold", "a number in [0, 1], 'otsu' or 'calibrated'")
     if cfg.image_size is not None:
         need(cfg.image_size >= 8, "image_size", "an integer >= 8 (or null for the dataset's size)")
     device = cfg.device

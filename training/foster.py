@@ -38,8 +38,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from . import cim as cim_lib
 from .cim import upcast
-from .config import Config, Runtime
+from .config import Config, ConfigError, Runtime
 from .data import build_transform, class_order, collate_skip_bad, phase_classes, PhaseDataset
+from .data.boxes import centred_boxes
 from .exemplar_store import ExemplarStore
 from .memory import ExemplarMemory, class_budget, compress_exemplars, exemplar_costs, herding_select
 from .models import FosterNet, split_parameters
@@ -203,7 +204,7 @@ def student_step(student, teacher, images: torch.Tensor, labels: torch.Tensor, *
 
 def memory_mode(compression: str) -> str:
     """ExemplarMemory mode of a compression setting."""
-    return {"none": "none", "downsample": "downsample", "cam": "cam", "cim": "cam"}[compression]
+    return {"none": "none", "downsample": "downsample", "cam": "cam", "cim": "cam", "gt": "cam"}[compression]
 
 
 # ------------------------------------------------------------------------------------------------------ learner
@@ -247,7 +248,9 @@ class Foster:
         self.boxes: Union[cim_lib.BoxTable, None] = None
         self.aug_prob = 0.0
         self.phase_log: dict = {}
+        self.calibration: Union[dict, None] = None  # threshold="calibrated": the choice made at the end of phase 0
         self._memory_view = None
+        _check_box_sources(cfg, stream.source)
         augment = cfg.original_augmentation
         self.transforms = {kind: build_transform(kind, self.image_size, augment=augment)
                            for kind in ("train", "test", "cam")}
@@ -532,11 +535,32 @@ class Foster:
     # ---------------------------------------------------------------- stage: memory
     def _compute_boxes(self, phase: Phase, activation: str) -> cim_lib.BoxTable:
         table = cim_lib.compute_boxes(self.network, self._cam_loader(phase), activation=activation,
-                                      threshold=self.cfg.cam_threshold, runtime=self.runtime)
+                                      threshold=self._threshold(), runtime=self.runtime)
         return self.runtime.broadcast_object(table)  # every rank uses rank 0's boxes
+
+    def _threshold(self) -> Union[float, str]:
+        """The threshold of the CAM boxes: the config's, or the calibrated one (``mask_threshold`` until phase 0 has
+        chosen it)."""
+        if self.cfg.threshold != "calibrated":
+            return self.cfg.cam_threshold
+        return self.cfg.mask_threshold if self.calibration is None else self.calibration["threshold"]
+
+    def _calibrate(self, phase: Phase, activation: str) -> None:
+        """``threshold="calibrated"``: choose the threshold on the held-out images of the phase-0 classes."""
+        heldout = self.stream.source.heldout
+        indices = np.flatnonzero(np.isin(np.asarray(heldout.targets), list(phase.classes)))
+        loader = self._loader(cim_lib.CamDataset(heldout, indices, self.transforms["cam"], self.stream.label_map),
+                              self.cfg.cam_batch_size, shuffle=False)
+        result = cim_lib.calibrate_threshold(self.network, loader, heldout.object_boxes, activation=activation,
+                                             runtime=self.runtime)
+        self.calibration = self.runtime.broadcast_object(result)
 
     def _final_boxes(self, phase: Phase) -> Union[cim_lib.BoxTable, None]:
         mode = self.cfg.compression
+        if mode in ("cam", "cim") and self.cfg.threshold == "calibrated" and self.calibration is None:
+            self._calibrate(phase, "rational" if mode == "cim" else "relu")
+        if mode == "gt":
+            return cim_lib.truth_boxes(self.stream.source.train, self.stream.train_indices(phase.classes))
         if mode == "cim":
             return self._compute_boxes(phase, "rational")
         if mode == "cam":
@@ -575,6 +599,8 @@ class Foster:
             if not bool(scores.isnan().all()):  # images without a true box are left out of the means
                 quality["box_iou"] = float(scores.nanmean())
                 quality["box_iou_whole_image"] = float(truth.best_iou(table.indices, whole).nanmean())
+                centred = centred_boxes(table.boxes, table.sizes)
+                quality["box_iou_centre_prior"] = float(truth.best_iou(table.indices, centred).nanmean())
         return quality
 
     def _update_memory(self, phase: Phase) -> None:
@@ -586,10 +612,10 @@ class Foster:
             for label in self.memory.classes():
                 self.memory.trim(label, budget)
         table = self._final_boxes(phase)
-        if table is not None and cfg.compression in ("cam", "cim"):
+        if table is not None and cfg.compression in ("cam", "cim", "gt"):
             quality = self._box_quality(table)
             self.phase_log["boxes_area"] = quality["box_area"]
-            for key in ("box_iou", "box_iou_whole_image"):
+            for key in ("box_iou", "box_iou_whole_image", "box_iou_centre_prior"):
                 if key in quality:
                     self.phase_log[key] = quality[key]
         mode = self.memory.mode
@@ -657,6 +683,7 @@ class Foster:
             "memory": self.memory.state_dict(),
             "exemplar_cams": self.exemplar_cams,
             "generator": self.generator.get_state(),
+            "calibration": self.calibration,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -681,6 +708,7 @@ class Foster:
         self.aug_prob = state["aug_prob"]
         self.phase_log = dict(state["phase_log"])
         self.generator.set_state(state["generator"])
+        self.calibration = state.get("calibration")
         self.optimizers, self.schedulers = {}, {}
         phase = self.stream.phases[self.phase_index] if self.phase_index >= 0 else None
         if self.stage == "boost":
@@ -696,6 +724,19 @@ class Foster:
     def _emit(self, info: dict) -> None:
         if self.on_epoch_end is not None:
             self.on_epoch_end(info)
+
+
+def _check_box_sources(cfg: Config, source) -> None:
+    """One-line errors, before any training, for settings that need what the source may lack."""
+    if cfg.compression == "gt" and getattr(source.train, "object_boxes", None) is None:
+        raise ConfigError(f"compression=gt stores exemplars with the source's own object boxes, and {source.name!r} "
+                          "has none (synthetic, tinyimagenet and ImageNet with its localisation files have them)")
+    if cfg.threshold == "calibrated" and cfg.compression in ("cam", "cim"):
+        heldout = getattr(source, "heldout", None)
+        if heldout is None or heldout.object_boxes is None:
+            raise ConfigError(f"threshold=calibrated chooses the threshold on held-out images with object boxes, and "
+                              f"{source.name!r} has none: set data_options.heldout_per_class (synthetic, "
+                              "tinyimagenet)")
 
 
 class _Transformed(torch.utils.data.Dataset):

@@ -280,9 +280,13 @@ def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
         "box_area_fraction": learner.phase_log.get("boxes_area"),
         "box_iou": learner.phase_log.get("box_iou"),  # CAM boxes vs true object boxes (where the source has them)
         "box_iou_whole_image": learner.phase_log.get("box_iou_whole_image"),  # the whole-image box vs the same
+        "box_iou_centre_prior": learner.phase_log.get("box_iou_centre_prior"),  # a centred box of the same area
         "box_refreshes": learner.phase_log.get("box_refreshes"),  # cim: box area / IoU at each in-phase refresh
         "phase_seconds": seconds,
     }
+    if learner.calibration is not None:
+        extra["calibrated_threshold"] = learner.calibration["threshold"]
+        extra["calibration"] = learner.calibration
     student = result.get("student_predictions")
     if student is not None and len(result["targets"]):
         extra["student_top1"] = float((student[:, 0] == result["targets"]).double().mean() * 100)

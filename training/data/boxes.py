@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["ObjectBoxes", "box_iou", "inclusive_box", "imagenet_boxes", "IMAGENET_BOX_DIRS"]
+__all__ = ["ObjectBoxes", "box_iou", "centred_boxes", "inclusive_box", "imagenet_boxes", "IMAGENET_BOX_DIRS"]
 
 
 def box_iou(boxes: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,21 @@ def box_iou(boxes: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     area = lambda b: ((b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])).double()  # noqa: E731
     union = area(boxes) + area(other) - inter
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def centred_boxes(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """The centre prior of each box: a box of the same area, centred in its image, with the image's aspect ratio
+    (a centred square in a square image). int64 [N, 4] boxes and [N, 2] (H, W) sizes -> int64 [N, 4]; an empty box
+    stays empty."""
+    boxes, sizes = boxes.to(torch.int64), sizes.to(torch.int64)
+    area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double()
+    scale = (area / (sizes[:, 0] * sizes[:, 1]).double().clamp(min=1)).sqrt()
+    height = torch.minimum((sizes[:, 0] * scale).round().to(torch.int64), sizes[:, 0])
+    width = torch.minimum((sizes[:, 1] * scale).round().to(torch.int64), sizes[:, 1])
+    empty = area == 0
+    height, width = height.masked_fill(empty, 0), width.masked_fill(empty, 0)
+    y0, x0 = (sizes[:, 0] - height) // 2, (sizes[:, 1] - width) // 2
+    return torch.stack([y0, y0 + height, x0, x0 + width], 1).masked_fill(empty[:, None], 0)
 
 
 def inclusive_box(x0: int, y0: int, x1: int, y1: int) -> tuple[int, int, int, int]:
@@ -63,6 +78,25 @@ class ObjectBoxes:
     def of(self, index: int) -> torch.Tensor:
         """The true boxes of image ``index``, int64 [k, 4] (k may be 0)."""
         return self.boxes[int(self.offsets[index]): int(self.offsets[index + 1])]
+
+    def subset(self, indices) -> "ObjectBoxes":
+        """The boxes of images ``indices`` (in that order), as a new ObjectBoxes."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        starts, counts = self.offsets[indices], self.offsets[indices + 1] - self.offsets[indices]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        within = torch.arange(int(offsets[-1])) - torch.repeat_interleave(offsets[:-1], counts)
+        return ObjectBoxes(self.boxes[torch.repeat_interleave(starts, counts) + within], offsets)
+
+    def enclosing(self, index: int, size: tuple) -> tuple:
+        """One box around every true box of image ``index`` (what a tight box over a perfect object mask gives),
+        clipped to its (H, W) ``size``; the whole image when it has no true box."""
+        own = self.of(index)
+        height, width = int(size[0]), int(size[1])
+        if not len(own):
+            return 0, height, 0, width
+        y0, x0 = max(0, int(own[:, 0].min())), max(0, int(own[:, 2].min()))
+        y1, x1 = min(height, int(own[:, 1].max())), min(width, int(own[:, 3].max()))
+        return (y0, y1, x0, x1) if y1 > y0 and x1 > x0 else (0, height, 0, width)
 
     def annotated(self) -> int:
         """Number of images with at least one box."""

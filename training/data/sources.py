@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .boxes import ObjectBoxes, imagenet_boxes, inclusive_box
+from .classes import CLASS_RULES, select_classes
 from .synthetic import SyntheticSpec, generate
 
 __all__ = [
@@ -172,6 +173,7 @@ class Source:
     image_size: int  # the training resolution this source is meant for
     root: str | None = None
     info: dict = field(default_factory=dict)
+    heldout: ImageSet | None = None  # training-split images kept out of training (``heldout_per_class``)
 
     @property
     def bad_count(self) -> int:
@@ -335,10 +337,11 @@ def _annotation_lines(name, root, path, columns):
     return rows
 
 
-def _tinyimagenet(name, root, on_bad_image, num_classes=None, train_per_class=None):
-    """(classes, class names, train, test) of a Tiny ImageNet root; the classes are those wnids.txt lists (the first
-    ``num_classes`` of them in sorted order, if given), each with its first ``train_per_class`` training images (in
-    box-file order; all if None)."""
+def _tinyimagenet(name, root, on_bad_image, num_classes=None, train_per_class=None, heldout_per_class=None):
+    """(classes, class names, train, test, heldout) of a Tiny ImageNet root; the classes are those wnids.txt lists
+    (the first ``num_classes`` of them in sorted order, if given), each with its first ``train_per_class`` training
+    images (in box-file order; all if None) and, with ``heldout_per_class``, the next that many as held-out images
+    (None without it)."""
     wnids_file = root / "wnids.txt"
     if not wnids_file.is_file():
         raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} does not exist")
@@ -350,22 +353,35 @@ def _tinyimagenet(name, root, on_bad_image, num_classes=None, train_per_class=No
             raise ValueError(f"{name}: num_classes must be an int in [1, {len(classes)}] (the classes {wnids_file} "
                              f"lists), got {num_classes!r}")
         classes = classes[:num_classes]
-    if train_per_class is not None and (isinstance(train_per_class, bool) or not isinstance(train_per_class, int)
-                                        or train_per_class < 1):
-        raise ValueError(f"{name}: train_per_class must be an int >= 1, got {train_per_class!r}")
+    for key, value in (("train_per_class", train_per_class), ("heldout_per_class", heldout_per_class)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: {key} must be an int >= 1, got {value!r}")
+    if heldout_per_class is not None and train_per_class is None:
+        raise ValueError(f"{name}: heldout_per_class needs train_per_class (held-out images are those after the "
+                         "first train_per_class of each class)")
     class_to_idx = {c: i for i, c in enumerate(classes)}
     words = {}
     if (root / "words.txt").is_file():
         for line in (root / "words.txt").read_text().splitlines():
             wnid, _, text = line.partition("\t")
             words[wnid.strip()] = text.strip()
-    train_paths, train_targets, train_boxes = [], [], []
+    splits = {"train": ([], [], []), "heldout": ([], [], [])}
     for wnid in classes:
         folder = root / "train" / wnid
-        for where, fields in _annotation_lines(name, root, folder / f"{wnid}_boxes.txt", 5)[:train_per_class]:
-            train_paths.append(folder / "images" / fields[0])
-            train_targets.append(class_to_idx[wnid])
-            train_boxes.append(_checked_box(name, root, where, fields[1:]))
+        lines = _annotation_lines(name, root, folder / f"{wnid}_boxes.txt", 5)
+        parts = {"train": lines[:train_per_class]}
+        if heldout_per_class is not None:
+            parts["heldout"] = lines[train_per_class:train_per_class + heldout_per_class]
+            if len(parts["heldout"]) < heldout_per_class:
+                raise ValueError(f"{name}: class {wnid} has {len(lines)} training images, fewer than train_per_class "
+                                 f"+ heldout_per_class = {train_per_class + heldout_per_class}")
+        for split, rows in parts.items():
+            for where, fields in rows:
+                paths, targets, boxes = splits[split]
+                paths.append(folder / "images" / fields[0])
+                targets.append(class_to_idx[wnid])
+                boxes.append(_checked_box(name, root, where, fields[1:]))
+    train_paths, train_targets, train_boxes = splits["train"]
     test_paths, test_targets, test_boxes = [], [], []
     for where, fields in _annotation_lines(name, root, root / "val" / "val_annotations.txt", 6):
         if fields[1] not in class_to_idx:
@@ -380,7 +396,11 @@ def _tinyimagenet(name, root, on_bad_image, num_classes=None, train_per_class=No
     as_boxes = lambda rows: torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)  # noqa: E731
     train = FileImageSet(train_paths, train_targets, on_bad_image=on_bad_image, object_boxes=as_boxes(train_boxes))
     test = FileImageSet(test_paths, test_targets, on_bad_image=on_bad_image, object_boxes=as_boxes(test_boxes))
-    return classes, [words.get(c, c) for c in classes], train, test
+    heldout = None
+    if heldout_per_class is not None:
+        paths, targets, boxes = splits["heldout"]
+        heldout = FileImageSet(paths, targets, on_bad_image=on_bad_image, object_boxes=as_boxes(boxes))
+    return classes, [words.get(c, c) for c in classes], train, test, heldout
 
 
 def imagenet100_wnids() -> list[str]:
@@ -430,9 +450,10 @@ def _food101(name, root, on_bad_image):
 
 # ---------------------------------------------------------------------------------------------------------- loaders
 
-_SYNTHETIC_OPTIONS = ("num_classes", "image_size", "train_per_class", "test_per_class", "cell", "decoys", "blobs",
-                      "lines", "noise", "tiles")
+_SYNTHETIC_OPTIONS = ("num_classes", "image_size", "train_per_class", "test_per_class", "heldout_per_class", "cell",
+                      "decoys", "blobs", "lines", "noise", "tiles")
 _FILE_OPTIONS = ("image_size",)
+_PER_CLASS_OPTIONS = ("train_per_class", "heldout_per_class")
 
 
 def _check_options(name, options, allowed):
@@ -445,6 +466,7 @@ def _load_synthetic(root, seed, on_bad_image, options):
     _check_options("synthetic", options, _SYNTHETIC_OPTIONS)
     spec = SyntheticSpec(seed=seed, **options)
     train, test = generate(spec, "train"), generate(spec, "test")
+    heldout = generate(spec, "heldout") if spec.heldout_per_class else None
     return Source(
         name="synthetic",
         num_classes=spec.num_classes,
@@ -453,6 +475,7 @@ def _load_synthetic(root, seed, on_bad_image, options):
         test=TensorImageSet(test.images, test.targets.numpy(), test.boxes),
         image_size=spec.image_size,
         info={"spec": spec},
+        heldout=None if heldout is None else TensorImageSet(heldout.images, heldout.targets.numpy(), heldout.boxes),
     )
 
 
@@ -469,13 +492,14 @@ def _load_imagefolder(root, seed, on_bad_image, options):
 
 
 def _load_tinyimagenet(root, seed, on_bad_image, options):
-    _check_options("tinyimagenet", options, _FILE_OPTIONS + ("num_classes", "train_per_class"))
+    _check_options("tinyimagenet", options, _FILE_OPTIONS + ("num_classes", "train_per_class", "heldout_per_class"))
     root = _check_root("tinyimagenet", root, _TINYIMAGENET_LAYOUT)
-    classes, names, train, test = _tinyimagenet("tinyimagenet", root, on_bad_image, options.get("num_classes"),
-                                                options.get("train_per_class"))
+    classes, names, train, test, heldout = _tinyimagenet(
+        "tinyimagenet", root, on_bad_image, options.get("num_classes"), options.get("train_per_class"),
+        options.get("heldout_per_class"))
     return Source(name="tinyimagenet", num_classes=len(classes), class_names=names, train=train, test=test,
                   image_size=int(options.get("image_size", 64)), root=str(root),
-                  info={"layout": "tinyimagenet", "wnids": classes})
+                  info={"layout": "tinyimagenet", "wnids": classes}, heldout=heldout)
 
 
 def _imagenet_source(name, root, on_bad_image, options, classes=None):
@@ -524,10 +548,11 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
         seed: seed of the synthetic generator (file sources ignore it).
         on_bad_image: ``"skip"`` (unreadable images load as ``None``, warned once, counted) or ``"error"``.
         **options: ``synthetic``: num_classes, image_size, train_per_class, test_per_class, cell, decoys, blobs,
-            lines, noise (see :class:`training.data.synthetic.SyntheticSpec`); file sources: image_size (the
-            training resolution recorded in the Source, default 224; 64 for tinyimagenet); tinyimagenet also
-            num_classes (the first N of the classes wnids.txt lists, in sorted order) and train_per_class (the first
-            N training images of each class).
+            lines, noise, heldout_per_class (see :class:`training.data.synthetic.SyntheticSpec`); file sources:
+            image_size (the training resolution recorded in the Source, default 224; 64 for tinyimagenet);
+            tinyimagenet also num_classes (the first N of the classes wnids.txt lists, in sorted order),
+            train_per_class (the first N training images of each class) and heldout_per_class (the next N, as
+            ``Source.heldout``). Every source: classes (which classes to use, see :mod:`training.data.classes`).
 
     Raises:
         ValueError: unknown name or on_bad_image. DataRootError (a ValueError): missing or malformed root; the
@@ -537,4 +562,16 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
-    return SOURCES[name](root, seed, on_bad_image, options)
+    classes = options.pop("classes", None)
+    if classes is not None and name == "tinyimagenet" and "num_classes" in options:
+        raise ValueError("tinyimagenet: give data_options.num_classes (the first N classes) or data_options.classes, "
+                         "not both")
+    load = SOURCES[name]
+    if isinstance(classes, str) and classes.partition(":")[0].strip() in CLASS_RULES and name != "synthetic":
+        # a rule ranks the classes on all their training images: train_per_class does not change what it picks
+        whole = {k: v for k, v in options.items() if k not in _PER_CLASS_OPTIONS}
+        ranked = select_classes(load(root, seed, on_bad_image, whole), classes).info["classes"]
+        source = select_classes(load(root, seed, on_bad_image, options), ranked["selected"])
+        source.info["classes"].update({k: v for k, v in ranked.items() if k not in source.info["classes"]})
+        return source
+    return select_classes(load(root, seed, on_bad_image, options), classes)

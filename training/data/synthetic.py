@@ -24,7 +24,7 @@ __all__ = ["SyntheticSpec", "SyntheticSplit", "class_glyphs", "generate", "MAX_C
 
 MAX_CLASSES = 24  # permutations of the four sub-patterns
 
-_SPLIT_STREAMS = {"design": 0, "train": 1, "test": 2}
+_SPLIT_STREAMS = {"design": 0, "train": 1, "test": 2, "heldout": 3}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class SyntheticSpec:
         num_classes: 2..24.
         image_size: side S of the square images (>= 16).
         train_per_class, test_per_class: images per class in each split.
+        heldout_per_class: images per class of the ``"heldout"`` split (training-like images kept out of training,
+            e.g. to calibrate a box threshold); 0: none.
         seed: every random draw (glyph design, layouts, colours) derives from it.
         cell: side s of a sub-pattern; the glyph is 2s x 2s. ``None``: 3.
         tiles: the object is the glyph tiled ``tiles x tiles`` times (the period 2s is even, so every tile shows the
@@ -50,6 +52,7 @@ class SyntheticSpec:
     image_size: int = 32
     train_per_class: int = 100
     test_per_class: int = 40
+    heldout_per_class: int = 0
     seed: int = 0
     cell: int | None = None
     tiles: int | None = None
@@ -65,6 +68,8 @@ class SyntheticSpec:
             raise ValueError(f"synthetic: image_size must be >= 16, got {self.image_size}")
         if self.train_per_class < 1 or self.test_per_class < 1:
             raise ValueError("synthetic: train_per_class and test_per_class must be >= 1")
+        if self.heldout_per_class < 0:
+            raise ValueError(f"synthetic: heldout_per_class must be >= 0, got {self.heldout_per_class}")
         if self.cell is not None and self.cell < 2:
             raise ValueError(f"synthetic: cell must be >= 2, got {self.cell}")
         if self.tiles is not None and self.tiles < 1:
@@ -206,10 +211,10 @@ def _background(n, size, spec, gen):
 
 
 def generate(spec: SyntheticSpec, split: str) -> SyntheticSplit:
-    """Render the ``"train"`` or ``"test"`` split of ``spec`` (deterministic; about a second for 10k 32x32 images)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"synthetic: split must be 'train' or 'test', got {split!r}")
-    per_class = spec.train_per_class if split == "train" else spec.test_per_class
+    """Render the ``"train"``, ``"test"`` or ``"heldout"`` split of ``spec`` (deterministic; about a second for 10k 32x32 images)."""
+    if split not in ("train", "test", "heldout"):
+        raise ValueError(f"synthetic: split must be 'train', 'test' or 'heldout', got {split!r}")
+    per_class = {"train": spec.train_per_class, "test": spec.test_per_class, "heldout": spec.heldout_per_class}[split]
     glyphs = class_glyphs(spec)
     gen = _generator(spec.seed, split)
     size, g, margin = spec.image_size, spec.object_size, spec.margin

@@ -81,31 +81,44 @@ class Setting:
     boxes: bool  # CAM boxes (box area and IoU with the true object box are reported)
     cost_rank: int  # relative run time (higher first when scheduling)
     memory: bool = True  # False: a bound without memory, run once per seed and reported under every budget
+    # whether the class-weight rule (class_weight_counts) can change the run: not for uncompressed exemplars (their
+    # real counts are the nominal budget) nor for the bounds; such runs are shared by every rule of a preset
+    ruled: bool = True
 
 
 SETTINGS = {
     s.name: s
     for s in (
-        Setting("none", "none (uncompressed)", ("compression=none",), False, 0),
+        Setting("none", "none (uncompressed)", ("compression=none",), False, 0, ruled=False),
         Setting("downsample", "downsample (whole image)", ("compression=downsample",), False, 0),
         Setting("cam", "CAM, threshold 0.6", ("compression=cam", "threshold=0.6"), True, 1),
         Setting("otsu", "CAM, Otsu threshold", ("compression=cam", "threshold=otsu"), True, 1),
+        Setting("calibrated", "CAM, threshold calibrated on held-out images",
+                ("compression=cam", "threshold=calibrated"), True, 1),
         Setting("cim", "CIM (threshold 0.6)", ("compression=cim", "threshold=0.6"), True, 2),
-        Setting("joint", "joint training (upper bound)", ("learner=joint", "compression=none"), False, 1, False),
+        Setting("gt", "ground-truth boxes (ceiling)", ("compression=gt",), True, 1),
+        Setting("joint", "joint training (upper bound)", ("learner=joint", "compression=none"), False, 1, False,
+                False),
         Setting("finetune", "fine-tuning, no memory (lower bound)", ("learner=finetune", "compression=none"), False,
-                0, False),
+                0, False, False),
     )
 }
 
-#: The exemplar-compression settings (every one but the bounds).
-COMPRESSION_SETTINGS = tuple(name for name, s in SETTINGS.items() if s.memory)
+#: The settings of the synthetic presets: every exemplar-compression setting that needs no held-out images or
+#: true boxes of a real-photo source.
+COMPRESSION_SETTINGS = ("none", "downsample", "cam", "otsu", "cim")
+
+#: Class-weight rules (``class_weight_counts``) a preset may compare.
+RULES = ("nominal", "real")
 
 #: Budget names in report order.
 BUDGETS = ("small", "large")
 
 #: Gaps reported (paired by seed): (a, b) means a - b.
 GAPS = (("cim", "none"), ("cim", "cam"), ("cim", "otsu"), ("cim", "downsample"), ("cam", "none"),
-        ("otsu", "cam"), ("downsample", "none"), ("joint", "none"), ("none", "finetune"))
+        ("otsu", "cam"), ("downsample", "none"), ("joint", "none"), ("none", "finetune"), ("gt", "none"),
+        ("gt", "downsample"), ("gt", "cim"), ("calibrated", "none"), ("cim", "calibrated"), ("otsu", "none"),
+        ("calibrated", "otsu"))
 
 #: The original paper's figures (average incremental top-1 %, CVPR 2023 CIM, Tables 1-2), for the report.
 ORIGINAL = {
@@ -135,6 +148,7 @@ class Preset:
     base_config: str = "synthetic"  # the bundled config the runs start from
     settings: tuple = COMPRESSION_SETTINGS  # what runs unless --settings says otherwise
     needs_data_root: bool = False
+    rules: tuple = ()  # class-weight rules compared (each ruled setting runs under each); (): the config's own
 
     def memory_size(self, budget: str) -> int:
         return int(self.budgets[budget] * self.num_classes)
@@ -202,8 +216,26 @@ PRESETS = {
             budgets={"small": 2, "large": 10},
             seeds=3,
             base_config="tinyimagenet",
-            settings=tuple(SETTINGS),
+            settings=COMPRESSION_SETTINGS + ("joint", "finetune"),
             needs_data_root=True,
+        ),
+        Preset(
+            name="smallobjects",
+            description="real photos where boxes can matter: the 20 classes of a Tiny ImageNet root with the smallest "
+                        "true boxes, 150 training images per class at 64x64, 4 phases of 5, ResNet-20, the "
+                        "ground-truth-box ceiling and a threshold calibrated on 50 held-out images per phase-0 "
+                        "class, both class-weight rules, 3 seeds, with the joint-training and fine-tuning bounds",
+            num_classes=20,
+            overrides=("data_options.classes=smallest_boxes:20", "data_options.train_per_class=150",
+                       "data_options.heldout_per_class=50", "image_size=64", "backbone=resnet20", "init_cls=5",
+                       "increment=5", "init_epochs=10", "incre_epochs=8", "compression_epochs=4", "batch_size=64",
+                       "cam_batch_size=128", "cam_update_interval=3", "num_meta_iters_per_cls=1"),
+            budgets={"small": 2, "large": 10},
+            seeds=3,
+            base_config="tinyimagenet",
+            settings=("none", "downsample", "otsu", "calibrated", "cim", "gt", "joint", "finetune"),
+            needs_data_root=True,
+            rules=RULES,
         ),
     )
 }
@@ -221,10 +253,12 @@ class Job:
     overrides: tuple
     run_dir: str
     base_config: str = "synthetic"
+    rule: Union[str, None] = None  # the class-weight rule, where the preset compares rules and it matters
 
     @property
     def key(self) -> str:
-        return f"{self.budget or 'bound'}-{self.setting}-seed{self.seed}"
+        rule = f"-{self.rule}" if self.rule else ""
+        return f"{self.budget or 'bound'}{rule}-{self.setting}-seed{self.seed}"
 
 
 def seeds_of(count: int) -> list[int]:
@@ -234,16 +268,19 @@ def seeds_of(count: int) -> list[int]:
 def plan(preset: Preset, *, runs_dir: str, seeds: int, settings: Union[Sequence[str], None] = None,
          budgets: Sequence[str] = BUDGETS, device: str = "cpu", extra: Sequence[str] = ()) -> list[Job]:
     """Every run of the ablation, in report order (``settings`` default: the preset's); the bounds run once per
-    seed, at no memory."""
+    seed, at no memory; a setting the class-weight rule can change runs under each of the preset's ``rules``."""
     jobs = []
     for name in preset.settings if settings is None else settings:
-        for budget in budgets if SETTINGS[name].memory else (None,):
-            for seed in seeds_of(seeds):
-                memory = f"memory_size={preset.memory_size(budget) if budget else 0}"
-                overrides = (*preset.overrides, *COMMON, memory, *SETTINGS[name].overrides, f"seed={seed}",
-                             f"device={device}", *extra)
-                job = Job(preset.name, budget, name, seed, overrides, "", preset.base_config)
-                jobs.append(dataclasses.replace(job, run_dir=os.path.join(runs_dir, job.key)))
+        setting = SETTINGS[name]
+        for budget in budgets if setting.memory else (None,):
+            for rule in preset.rules if preset.rules and setting.ruled else (None,):
+                for seed in seeds_of(seeds):
+                    memory = f"memory_size={preset.memory_size(budget) if budget else 0}"
+                    ruling = (f"class_weight_counts={rule}",) if rule else ()
+                    overrides = (*preset.overrides, *COMMON, memory, *ruling, *setting.overrides, f"seed={seed}",
+                                 f"device={device}", *extra)
+                    job = Job(preset.name, budget, name, seed, overrides, "", preset.base_config, rule)
+                    jobs.append(dataclasses.replace(job, run_dir=os.path.join(runs_dir, job.key)))
     return sorted(jobs, key=lambda j: (j.budget is None, BUDGETS.index(j.budget) if j.budget else 0))
 
 
@@ -461,6 +498,7 @@ def collect(jobs: Sequence[Job]) -> tuple[list[dict], list[str]]:
         records.append({
             "key": job.key,
             "budget": job.budget,
+            "rule": job.rule,
             "setting": job.setting,
             "seed": job.seed,
             "run_dir": job.run_dir,
@@ -480,6 +518,9 @@ def collect(jobs: Sequence[Job]) -> tuple[list[dict], list[str]]:
             "box_iou": _mean_or_none([e.get("box_iou") for e in extras]) if boxes else None,
             "box_iou_whole_image": _mean_or_none([e.get("box_iou_whole_image") for e in extras]) if boxes else None,
             "box_iou_whole_image_per_phase": [e.get("box_iou_whole_image") for e in extras] if boxes else None,
+            "box_iou_centre_prior": _mean_or_none([e.get("box_iou_centre_prior") for e in extras]) if boxes else None,
+            "box_iou_centre_prior_per_phase": [e.get("box_iou_centre_prior") for e in extras] if boxes else None,
+            "calibrated_threshold": last.get("calibrated_threshold"),
             "box_iou_over_training": _iou_over_training(summary, extras) if boxes else None,
             "image_size": run.get("image_size"),
             "num_phases": run.get("num_phases", len(phases)),
@@ -533,41 +574,60 @@ def _per_phase_stats(lists) -> Union[dict, None]:
 
 
 SCALARS = ("avg_inc_top1", "last_top1", "forgetting", "exemplars_per_class", "exemplars", "memory_cost",
-           "bytes_held", "box_area_fraction", "box_iou", "box_iou_whole_image", "wall_seconds", "cpu_seconds")
+           "bytes_held", "box_area_fraction", "box_iou", "box_iou_whole_image", "box_iou_centre_prior",
+           "calibrated_threshold", "wall_seconds", "cpu_seconds")
 PER_PHASE = ("top1_per_phase", "box_iou_per_phase", "box_area_per_phase", "exemplars_per_class_per_phase",
-             "box_iou_whole_image_per_phase")
+             "box_iou_whole_image_per_phase", "box_iou_centre_prior_per_phase")
+
+
+def conditions(budgets: Sequence[str], rules: Sequence[str] = ()) -> list[tuple]:
+    """(name, budget, rule) of each table of the report: one per budget, or per budget and class-weight rule."""
+    return [(f"{budget}-{rule}" if rule else budget, budget, rule) for budget in budgets for rule in (rules or (None,))]
+
+
+def _paired(records: Sequence[dict], key, a, b) -> Union[dict, None]:
+    """Stats of the per-seed differences avg_inc_top1(a) - avg_inc_top1(b), records grouped by ``key(record)``."""
+    by_seed = {}
+    for r in records:
+        group = key(r)
+        if group in (a, b) and r["avg_inc_top1"] is not None:
+            by_seed.setdefault(r["seed"], {})[group] = r["avg_inc_top1"]
+    return _stats([v[a] - v[b] for v in by_seed.values() if a in v and b in v])
 
 
 def aggregate(records: Sequence[dict], *, settings: Sequence[str] = tuple(SETTINGS),
-              budgets: Sequence[str] = BUDGETS) -> dict:
-    """Mean / std over seeds per (budget, setting), and the paired-by-seed gaps of :data:`GAPS`; a bound's runs
-    (budget None) count under every budget."""
+              budgets: Sequence[str] = BUDGETS, rules: Sequence[str] = ()) -> dict:
+    """Mean / std over seeds per condition (budget, or budget and rule: :func:`conditions`) and setting, the
+    paired-by-seed gaps of :data:`GAPS`, and with two rules the second minus the first per budget and ruled setting;
+    a bound's runs (budget None) count under every budget, a run shared by the rules (rule None) under every rule."""
     results, gaps = {}, {}
-    for budget in budgets:
-        results[budget] = {}
-        ours = [r for r in records if r["budget"] in (budget, None)]
-        for name in settings:
-            group = [r for r in ours if r["setting"] == name]
+    for name, budget, rule in conditions(budgets, rules):
+        results[name] = {}
+        ours = [r for r in records if r["budget"] in (budget, None) and r.get("rule") in (rule, None)]
+        for setting in settings:
+            group = [r for r in ours if r["setting"] == setting]
             if not group:
                 continue
             entry = {"n": len(group), "seeds": [r["seed"] for r in group]}
             for key in SCALARS:
-                entry[key] = _stats([r[key] for r in group])
+                entry[key] = _stats([r.get(key) for r in group])
             for key in PER_PHASE:
-                entry[key] = _per_phase_stats([r[key] for r in group])
+                entry[key] = _per_phase_stats([r.get(key) for r in group])
             entry["box_iou_over_training"] = _over_training_stats([r.get("box_iou_over_training") for r in group])
-            results[budget][name] = entry
-        gaps[budget] = {}
+            results[name][setting] = entry
+        gaps[name] = {}
         for a, b in GAPS:
-            by_seed = {}
-            for r in ours:
-                if r["setting"] in (a, b) and r["avg_inc_top1"] is not None:
-                    by_seed.setdefault(r["seed"], {})[r["setting"]] = r["avg_inc_top1"]
-            diffs = [v[a] - v[b] for v in by_seed.values() if a in v and b in v]
-            stats = _stats(diffs)
+            stats = _paired(ours, lambda r: r["setting"], a, b)
             if stats is not None:
-                gaps[budget][f"{a}-{b}"] = stats
-    return {"results": results, "gaps": gaps}
+                gaps[name][f"{a}-{b}"] = stats
+    out = {"results": results, "gaps": gaps}
+    if len(rules) == 2:
+        first, second = rules
+        out["rule_gaps"] = {budget: {setting: stats for setting in settings if SETTINGS[setting].ruled and (
+            stats := _paired([r for r in records if r["budget"] == budget and r["setting"] == setting],
+                             lambda r: r.get("rule"), second, first)) is not None}
+            for budget in budgets}
+    return out
 
 
 def _setup(preset: Preset, jobs: Sequence[Job], records: Sequence[dict]) -> dict:
@@ -596,6 +656,9 @@ def _setup(preset: Preset, jobs: Sequence[Job], records: Sequence[dict]) -> dict
         "compress_ratio": cfg.compress_ratio if cfg else None,
         "seeds": sorted({j.seed for j in jobs}),
         "budgets": budgets,
+        "rules": list(preset.rules),
+        "conditions": {name: {"budget": budget, "rule": rule}
+                       for name, budget, rule in conditions(list(budgets) or list(BUDGETS[:1]), preset.rules)},
         "overrides": list(preset.overrides) + list(COMMON),
     }
 
@@ -611,7 +674,7 @@ def build_report(preset: Preset, jobs: Sequence[Job], *, command: str = "", stat
         "setup": _setup(preset, jobs, records),
         "settings": {name: {"label": SETTINGS[name].label, "overrides": list(SETTINGS[name].overrides)}
                      for name in settings},
-        **aggregate(records, settings=settings, budgets=budgets),
+        **aggregate(records, settings=settings, budgets=budgets, rules=preset.rules),
         "original": ORIGINAL,
         "runs": records,
         "missing": missing,
@@ -637,6 +700,14 @@ def _empty_box_warnings(by_setting: dict) -> list:
                          f"{area['mean']:.4f}): its exemplars were whole-image downsampled, so its row measures "
                          "downsampling, not boxed compression.")
     return lines
+
+
+def _budget_of(setup: dict, condition: str) -> str:
+    return (setup.get("conditions") or {}).get(condition, {}).get("budget", condition)
+
+
+def _rule_of(setup: dict, condition: str) -> Union[str, None]:
+    return (setup.get("conditions") or {}).get(condition, {}).get("rule")
 
 
 def _pm(stats: Union[dict, None], digits: int = 2, scale: float = 1.0, signed: bool = False) -> str:
@@ -682,29 +753,53 @@ def render_markdown(report: dict, *, png_name: Union[str, None] = None) -> str:
     lines.append("Accuracies are top-1 % on the test images of all seen classes, mean ± std over seeds; "
                  "exemplars per class, bytes held and box area after the last phase / averaged over phases; box IoU "
                  "is against the true object box (the generator's, or the dataset's annotation; mean over the "
-                 "phases' new-class training images), beside the IoU of the whole-image box (the trivial baseline). "
-                 "The bounds keep no memory and run once per seed; their rows repeat under each budget.")
-    for budget, by_setting in results.items():
-        info = setup["budgets"].get(budget, {})
-        lines += ["", f"## Budget `{budget}`: memory_size {info.get('memory_size')} "
+                 "phases' new-class training images), beside the IoU of the whole-image box (the trivial baseline) "
+                 "and of a centred box of the same area as each box (the centre prior: what box size alone buys). "
+                 "The bounds keep no memory and run once per seed; their rows repeat under each budget. Runs the "
+                 "class-weight rule cannot change (uncompressed exemplars, the bounds) repeat under each rule.")
+    for cond, by_setting in results.items():
+        info = setup["budgets"].get(_budget_of(setup, cond), {})
+        rule = _rule_of(setup, cond)
+        ruling = f", class weights `{rule}` (`class_weight_counts={rule}`)" if rule else ""
+        lines += ["", f"## Budget `{_budget_of(setup, cond)}`{ruling}: memory_size {info.get('memory_size')} "
                       f"({info.get('per_class_after_last_phase')} images per class at the end)", ""]
         lines.append("| setting | avg incremental top-1 | last-phase top-1 | forgetting | exemplars / class | "
-                     "bytes held (KiB) | box area | box IoU | whole-image IoU | runs |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                     "bytes held (KiB) | box area | box IoU | whole-image IoU | centre-prior IoU | runs |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, entry in by_setting.items():
             lines.append(
                 f"| {SETTINGS[name].label} | {_pm(entry['avg_inc_top1'])} | {_pm(entry['last_top1'])} | "
                 f"{_pm(entry['forgetting'])} | {_pm(entry['exemplars_per_class'], 1)} | "
                 f"{_pm(entry['bytes_held'], 1, 1 / 1024)} | {_pm(entry['box_area_fraction'], 3)} | "
-                f"{_pm(entry['box_iou'], 3)} | {_pm(entry.get('box_iou_whole_image'), 3)} | {entry['n']} |")
+                f"{_pm(entry['box_iou'], 3)} | {_pm(entry.get('box_iou_whole_image'), 3)} | "
+                f"{_pm(entry.get('box_iou_centre_prior'), 3)} | {entry['n']} |")
+        ranked = sorted((name for name in by_setting if by_setting[name].get("avg_inc_top1")),
+                        key=lambda name: -by_setting[name]["avg_inc_top1"]["mean"])
+        if ranked:
+            lines += ["", "Ordering by mean: " + " > ".join(f"{name} ({by_setting[name]['avg_inc_top1']['mean']:.2f})"
+                                                            for name in ranked) + "."]
+        calibrated = (by_setting.get("calibrated") or {}).get("calibrated_threshold")
+        if calibrated:
+            lines += ["", f"Calibrated threshold (chosen per run at the end of phase 0): {_pm(calibrated, 2)} "
+                          f"(per seed {', '.join(f'{v:g}' for v in calibrated['values'])})."]
         lines += _empty_box_warnings(by_setting)
     lines += ["", "## Measured gaps (average incremental top-1, percentage points)", ""]
-    for budget in results:
-        lines.append(f"- **{budget}** budget:")
-        for a, b in (("cim", "none"), ("cim", "cam"), ("cim", "otsu"), ("cam", "none"), ("downsample", "none"),
-                     ("joint", "none"), ("none", "finetune")):
-            if f"{a}-{b}" in gaps.get(budget, {}):
-                lines.append(f"  - {_gap_sentence(gaps[budget], a, b)}")
+    for cond in results:
+        present = [(a, b) for a, b in GAPS if f"{a}-{b}" in gaps.get(cond, {})]
+        if present:
+            lines.append(f"- **{cond}**:")
+            lines += [f"  - {_gap_sentence(gaps[cond], a, b)}" for a, b in present]
+    rule_gaps = report.get("rule_gaps") or {}
+    if any(rule_gaps.values()):
+        first, second = setup["rules"]
+        lines += ["", f"## Class-weight rule: `{second}` − `{first}` (average incremental top-1, paired by seed)", ""]
+        lines.append("| budget | setting | gap | ahead |")
+        lines.append("|---|---|---|---|")
+        for budget, by_setting in rule_gaps.items():
+            for name, stats in by_setting.items():
+                wins = sum(1 for v in stats["values"] if v > 0)
+                lines.append(f"| {budget} | {SETTINGS[name].label} | {_pm(stats, signed=True)} | "
+                             f"{wins} of {stats['n']} |")
     iou_rows = [(budget, name, entry["box_iou_per_phase"]) for budget, by_setting in results.items()
                 for name, entry in by_setting.items() if entry.get("box_iou_per_phase")]
     if iou_rows:
@@ -762,7 +857,7 @@ def render_markdown(report: dict, *, png_name: Union[str, None] = None) -> str:
 
 # ---------------------------------------------------------------------------------------------------- plot
 _COLOURS = {"none": "#7f7f7f", "downsample": "#bcbd22", "cam": "#1f77b4", "otsu": "#17becf", "cim": "#d62728",
-            "joint": "#2ca02c", "finetune": "#000000"}
+            "calibrated": "#9467bd", "gt": "#ff7f0e", "joint": "#2ca02c", "finetune": "#000000"}
 
 
 def plot_results(report: dict, path: str) -> str:
@@ -842,7 +937,7 @@ def plot_results(report: dict, path: str) -> str:
             xs = [p for p, v in enumerate(per["mean"]) if v is not None]
             axes.errorbar(xs, [per["mean"][p] for p in xs], yerr=[per["std"][p] or 0.0 for p in xs], capsize=2,
                           marker="o", color=_COLOURS.get(name), label=SETTINGS[name].label)
-        size = report["setup"]["budgets"].get(budget, {}).get("memory_size")
+        size = report["setup"]["budgets"].get(_budget_of(report["setup"], budget), {}).get("memory_size")
         axes.set_title(f"top-1 per phase, {budget} budget (memory_size {size})")
         axes.set_xlabel("phase")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -912,6 +1007,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTINGS)} (default: the "
                         "preset's)")
     parser.add_argument("--budgets", help=f"comma-separated subset of {','.join(BUDGETS)}")
+    parser.add_argument("--rules", help=f"comma-separated subset of the preset's class-weight rules "
+                        f"({','.join(RULES)}) to run now (the report covers every finished run)")
     parser.add_argument("--set", dest="extra", action="append", default=[], nargs="+", metavar="KEY=VALUE",
                         help="extra config override for every run (changes the runs: use a fresh --runs)")
     parser.add_argument("--subprocess", action="store_true", help="run even a single job in a subprocess")
@@ -954,6 +1051,13 @@ def main(argv: Union[Sequence[str], None] = None) -> dict:
     runs_dir = args.runs or os.path.join("runs", "ablation", preset.name)
     jobs = plan(preset, runs_dir=runs_dir, seeds=seeds, settings=settings, budgets=budgets, device=device,
                 extra=extra)
+    if args.rules:
+        if not preset.rules:
+            raise SystemExit(f"error: --rules: preset {preset.name!r} compares no class-weight rules")
+        chosen = _choices(args.rules, preset.rules, "rules")
+        to_run = [j for j in jobs if j.rule is None or j.rule in chosen]
+    else:
+        to_run = jobs
     from ..config import ConfigError
 
     try:
@@ -965,12 +1069,12 @@ def main(argv: Union[Sequence[str], None] = None) -> dict:
     threads = max(1, args.threads or cores // parallel)
     command = "python -m training.experiments.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.dry_run:
-        for job in jobs:
+        for job in to_run:
             print(f"{job.key}: {job_state(job)}: {' '.join(_command(job, 'new'))}")
         return {"jobs": [dataclasses.asdict(j) for j in jobs]}
     status = None
     if not args.report_only:
-        status = run_jobs(jobs, jobs_in_parallel=parallel, threads=threads, subprocesses=args.subprocess or None)
+        status = run_jobs(to_run, jobs_in_parallel=parallel, threads=threads, subprocesses=args.subprocess or None)
     report = build_report(preset, jobs, command=command.strip(), status=status)
     paths = write_outputs(report, args.out, preset.name)
     print(render_markdown(report))
