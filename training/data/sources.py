@@ -563,7 +563,7 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
     classes = options.pop("classes", None)
-    if classes is not None and name == "tinyimagenet" and "num_classes" in options:
+    if classes is not None and name == "tinyimagenet" and options.get("num_classes") is not None:
         raise ValueError("tinyimagenet: give data_options.num_classes (the first N classes) or data_options.classes, "
                          "not both")
     load = SOURCES[name]
