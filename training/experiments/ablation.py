@@ -222,15 +222,15 @@ PRESETS = {
         Preset(
             name="smallobjects",
             description="real photos where boxes can matter: the 20 classes of a Tiny ImageNet root with the smallest "
-                        "true boxes, 150 training images per class at 64x64, 4 phases of 5, ResNet-20, the "
+                        "true boxes, 100 training images per class at 64x64, 4 phases of 5, ResNet-20, the "
                         "ground-truth-box ceiling and a threshold calibrated on 50 held-out images per phase-0 "
                         "class, both class-weight rules, 3 seeds, with the joint-training and fine-tuning bounds",
             num_classes=20,
             overrides=("data_options.num_classes=null", "data_options.classes=smallest_boxes:20",
-                       "data_options.train_per_class=150",
+                       "data_options.train_per_class=100",
                        "data_options.heldout_per_class=50", "image_size=64", "backbone=resnet20", "init_cls=5",
                        "increment=5", "init_epochs=10", "incre_epochs=8", "compression_epochs=4", "batch_size=64",
-                       "cam_batch_size=128", "cam_update_interval=3", "num_meta_iters_per_cls=1"),
+                       "cam_batch_size=128", "cam_update_interval=3", "num_meta_iters_per_cls=0.5"),
             budgets={"small": 2, "large": 10},
             seeds=3,
             base_config="tinyimagenet",
