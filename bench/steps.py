@@ -4,9 +4,9 @@
 
 Measures images/s of
 
-``train0``   a phase-0 FOSTER step (one backbone, CE)                       :func:`training.foster.train_step`
+``train0``   a phase-0 FOSTER step (one backbone, CE)                       :func:`training.learners.steps.train_step`
 ``boost``    a boosting FOSTER step (new backbone + frozen old one, FOSTER loss)  ``train_step`` with ``foster_loss``
-``student``  a FOSTER compression-stage step (student + frozen teacher)     :func:`training.foster.student_step`
+``student``  a FOSTER compression-stage step (student + frozen teacher)     :func:`training.learners.foster.student_step`
 ``meta0``    a CIM bilevel meta-step, second order, phase-0 network         :func:`training.cim.meta_step`
 ``meta``     the same on the boosting network (FOSTER inner loss)
 ``meta0_first_order``, ``meta_first_order``  the same two with ``meta_gradient="first_order"`` (theta detached in
@@ -60,7 +60,8 @@ from cim_ext import reference as _ref
 
 from training import cim as cim_lib
 from training.config import ConfigError, Runtime, load_config
-from training.foster import class_balance_weights, foster_loss, student_step, train_step
+from training.learners.foster import class_balance_weights, foster_loss, student_step
+from training.learners.steps import train_step
 from training.memory import exemplar_costs, herding_select
 from training.models import FosterNet, split_parameters
 

@@ -57,7 +57,11 @@ def test_presets_are_valid_configs(name, tmp_path):
     preset = ab.PRESETS[name]
     job = ab.plan(preset, runs_dir=str(tmp_path), seeds=1, device=preset.device)[0]
     cfg = ab.job_config(job)
-    assert cfg.dataset == preset.base_config and cfg.data_options["num_classes"] == preset.num_classes
+    options = cfg.data_options
+    assert cfg.dataset == preset.base_config
+    # the preset's classes: the first N, or N chosen by a rule
+    assert options.get("num_classes") == preset.num_classes or (
+        options["num_classes"] is None and options["classes"].endswith(f":{preset.num_classes}"))
     assert preset.seeds >= (1 if name == "quick" else 3)
 
 

@@ -20,7 +20,7 @@ from training.cim import (
 )
 from training.config import Runtime
 from training.data import build_transform, collate_skip_bad
-from training.foster import foster_loss
+from training.learners.foster import foster_loss
 from training.models import FosterNet, split_parameters
 
 

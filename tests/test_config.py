@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.config import Config, ConfigError, config_names, load_config, resolve_runtime
-from training.foster import theta_optimizer
+from training.optim import theta_optimizer
 
 # Hyper-parameters of the original xfflzl/CIM-CIL exps/cim-*.json files (facts the bundled configs must reproduce).
 ORIGINAL_COMMON = {

@@ -190,7 +190,7 @@ def _assert_same_run(single_dir, multi_dir):
             assert a["extra"][key] == b["extra"][key], key
     s1 = load_checkpoint(os.path.join(single_dir, CHECKPOINT_NAME))["learner"]
     s2 = load_checkpoint(os.path.join(multi_dir, CHECKPOINT_NAME))["learner"]
-    assert _exemplars(s1["memory"], single_dir) == _exemplars(s2["memory"], multi_dir), \
+    assert _exemplars(s1["policy"]["memory"], single_dir) == _exemplars(s2["policy"]["memory"], multi_dir), \
         "the same exemplars, boxes, costs and pixels"
     net1, net2 = s1["network"]["state"], s2["network"]["state"]
     assert net1.keys() == net2.keys()

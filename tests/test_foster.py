@@ -1,15 +1,15 @@
-"""training.foster: the class counts behind FOSTER's class-balance weights (nominal, as the original, or real)."""
+"""training.learners.foster: the class counts behind FOSTER's class-balance weights (nominal, as the original, or real)."""
 from types import SimpleNamespace
 
 import pytest
 
 from training.config import load_config
-from training.foster import Foster, class_balance_weights
+from training.learners.foster import Foster, class_balance_weights
 
 
 def _learner(overrides):
     targets = [7] * 10 + [8] * 12 + [5] * 3
-    stream = SimpleNamespace(order=[5, 6, 4, 7, 8], source=SimpleNamespace(train=SimpleNamespace(targets=targets)))
+    stream = SimpleNamespace(order=[5, 6, 4, 7, 8], train_count=targets.count)
     memory = SimpleNamespace(counts=lambda: {5: 9, 6: 8, 4: 7})
     return SimpleNamespace(cfg=load_config("synthetic", overrides), memory=memory, stream=stream)
 

@@ -56,7 +56,7 @@ def test_end_to_end_each_compression_mode(tmp_path, compression):
     for name in ("summary.json", "metrics.jsonl", "accuracy.png", "config.json", "checkpoint.pt"):
         assert os.path.isfile(tmp_path / name), name
     # the exemplars live encoded in memory/ (PNG): the checkpoint holds their references, no pixels
-    memory_state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["learner"]["memory"]
+    memory_state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["learner"]["policy"]["memory"]
     assert "kept" not in memory_state and memory_state["store"]["codec"] == "png"
     assert sorted(os.listdir(tmp_path / "memory")) == sorted(memory_state["shards"])
     assert 0 < extra["memory_encoded_bytes"] <= extra["memory_store_file_bytes"]
@@ -70,22 +70,23 @@ def test_end_to_end_each_compression_mode(tmp_path, compression):
 @pytest.mark.parametrize("learner", ["finetune", "joint"])
 def test_bounds_train_one_network_without_memory(tmp_path, monkeypatch, learner):
     from training.checkpoint import load_checkpoint
-    from training.foster import Foster
+    from training.learners import LEARNERS
 
     trained_on = []
-    original = Foster._train_dataset
+    bound = LEARNERS[learner]
+    original = bound._classes
 
-    def recording(self, phase, **kwargs):
-        dataset = original(self, phase, **kwargs)
-        trained_on.append(sorted({int(self.stream.source.train.targets[i]) for i in dataset.indices}))
-        return dataset
+    def recording(self, phase):
+        classes = original(self, phase)
+        trained_on.append(sorted(classes))
+        return classes
 
-    monkeypatch.setattr(Foster, "_train_dataset", recording)
+    monkeypatch.setattr(bound, "_classes", recording)
     summary = run(_tiny(f"learner={learner}", "compression=none", "memory_size=0"), out_dir=str(tmp_path))
     assert summary["finished"] and summary["final"]["num_classes"] == 6
     assert summary["final"]["extra"]["exemplars"] == 0 and "student_top1" not in summary["final"]["extra"]
     spec = load_checkpoint(str(tmp_path / "checkpoint.pt"))["learner"]["network"]["spec"]
-    assert spec["num_backbones"] == 1 and spec["fc"][0] == 6 and spec["old_fc"] is None
+    assert spec["kind"] == "incremental" and spec["num_backbones"] == 1 and spec["fc"][0] == 6
     phases = list(dict.fromkeys(map(tuple, trained_on)))  # one entry per phase (every epoch trains on the same)
     assert [len(classes) for classes in phases] == ([2, 4, 6] if learner == "joint" else [2, 2, 2])
     assert len({c for classes in phases for c in classes}) == 6

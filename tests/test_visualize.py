@@ -50,9 +50,10 @@ def _fake_run(run_dir, *, compression="cam", data_seed=0, learnt=True):
         stored["data_options"] = {**stored["data_options"], "seed": data_seed}
     os.makedirs(run_dir, exist_ok=True)
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-        "version": 1,
+        "version": 2,
         "config": stored,
-        "learner": {"phase_index": 1, "memory": memory.state_dict(), "exemplar_cams": cams,
+        "learner": {"learner": "foster", "phase_index": 1,
+                    "policy": {"memory": memory.state_dict(), "exemplar_cams": cams},
                     "network": {"spec": net.spec(), "state": net.state_dict()}},
     })
     with open(os.path.join(run_dir, "config.json"), "w") as handle:

@@ -62,7 +62,7 @@ __all__ = [
 META_GRADIENTS = ("exact", "first_order")
 
 #: Parameter-name prefixes of the classifier heads, excluded from the inner (fast-weight) step.
-HEAD_PREFIXES = ("fc.", "fe_fc.", "old_fc.")
+HEAD_PREFIXES = ("fc.", "fe_fc.", "old_fc.", "aux_fc.")
 
 
 def upcast(tensor: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ __all__ = [
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 COMPRESSION_MODES = ("none", "downsample", "cam", "cim", "gt")
+MEMORY_LEARNERS = ("foster", "der")  # learners that keep exemplars (the bounds keep none)
 BACKBONES = ("resnet18", "resnet32", "resnet20", "resnet14", "resnet8")
 DATASETS = ("synthetic", "imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101")
 
@@ -85,9 +86,16 @@ class Config:
     momentum: float = 0.9
     max_phi_grad_norm: float = 1.0
     batch_size: int = 256
-    # learner: FOSTER, or one of the two usual bounds with no memory (one network, plain CE): "finetune" trains
-    # on the new classes only (lower bound), "joint" on every seen class's training images (upper bound)
-    learner: Literal["foster", "finetune", "joint"] = "foster"
+    # learner: FOSTER or DER with the compression setting's memory, or one of the two usual bounds with no memory
+    # (one network, plain CE): "finetune" trains on the new classes only (lower bound), "joint" on every seen
+    # class's training images (upper bound)
+    learner: Literal["foster", "der", "finetune", "joint"] = "foster"
+    # theta's schedule in the training stage: auto = the learner's own (FOSTER and the bounds: cosine over the
+    # stage's epochs; DER: lr_decay at the milestones), or one of them for every learner
+    lr_schedule: Literal["auto", "cosine", "multistep"] = "auto"
+    init_milestones: list = field(default_factory=lambda: [60, 120, 170])  # epochs (phase 0) of a lr_decay step
+    incre_milestones: list = field(default_factory=lambda: [80, 120, 150])  # epochs (later phases)
+    lr_decay: float = 0.1
     # FOSTER
     beta1: float = 0.97
     beta2: float = 0.97
@@ -109,6 +117,7 @@ class Config:
     meta_batch_size: int = 16
     cam_batch_size: int = 16
     num_meta_iters_per_cls: float = 0.5
+    num_meta_iters: Union[int, None] = None  # meta-iterations per epoch (the original DER's key); None: per class
     lr_ratio: float = 0.1
     cam_update_interval: int = 40
     randombbxblur_prob_incre: float = 0.1
@@ -165,12 +174,11 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------------------- loading
 #: Original CIM-CIL key -> canonical field.
-ALIASES = {"convnet_type": "backbone", "num_workers": "workers"}
+ALIASES = {"convnet_type": "backbone", "num_workers": "workers", "model_name": "learner"}
 #: Original keys that are accepted, checked, and have no effect here.
 _IGNORED = {
     "prefix": None,
     "shuffle": (True,),
-    "model_name": ("foster",),
     "oofc": ("ft",),
 }
 
@@ -242,7 +250,7 @@ def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
         if allowed is not None and got not in allowed:
             raise ConfigError(f"{key} ({source}): only {list(allowed)} is supported here, got {value!r}")
         return
-    key = ALIASES.get(key, key)
+    given, key = key, ALIASES.get(key, key)
     if key not in types:
         valid = sorted(list(types) + list(ALIASES) + list(_IGNORED))
         raise ConfigError(f"unknown config key {key!r} ({source}); valid keys: {', '.join(valid)}")
@@ -254,7 +262,7 @@ def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
         if len(value) != 1:
             raise ConfigError(f"device ({source}): one device per process (use torchrun for several), got {value!r}")
         value = "cpu" if str(value[0]) == "-1" else f"cuda:{value[0]}"
-    setattr(cfg, key, _convert(key, value, types[key]))
+    setattr(cfg, key, _convert(key if given == key else f"{given} (alias of {key})", value, types[key]))
 
 
 def _loose(value: Any) -> Any:
@@ -343,6 +351,15 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is list:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key}: expected a JSON list, e.g. [60, 120], got {value!r}") from None
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{key}: expected a JSON list, e.g. [60, 120], got {value!r}")
     if tp is dict:
         if isinstance(value, str):
             try:
@@ -377,8 +394,15 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         need(0 < getattr(cfg, key) < 1, key, "a number in (0, 1)")
     need(cfg.compress_ratio >= 1, "compress_ratio", "a number >= 1")
-    need(cfg.learner == "foster" or cfg.compression == "none", "compression",
+    need(cfg.learner in MEMORY_LEARNERS or cfg.compression == "none", "compression",
          f"'none' with learner={cfg.learner!r} (the bounds keep no exemplars)")
+    for key in ("init_milestones", "incre_milestones"):
+        values = getattr(cfg, key)
+        need(all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+             and values == sorted(set(values)), key, "increasing positive epoch numbers, e.g. [60, 120, 170]")
+    need(0 < cfg.lr_decay <= 1, "lr_decay", "a number in (0, 1]")
+    if cfg.num_meta_iters is not None:
+        need(cfg.num_meta_iters >= 0, "num_meta_iters", "an integer >= 0 (or null: num_meta_iters_per_cls)")
     need(0 <= cfg.mask_threshold <= 1, "mask_threshold", "a number in [0, 1]")
     if isinstance(cfg.threshold, float):
         need(0 <= cfg.threshold <= 1, "threshold", "a number in [0, 1], 'otsu' or 'calibrated'")

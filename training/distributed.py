@@ -133,7 +133,7 @@ class ProcessRuntime(Runtime):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` itself in one process; under torchrun its DDP wrapper (rebuilt when its trainable parameters
-        change, e.g. after ``FosterNet.grow``)."""
+        change, e.g. after ``IncrementalNet.grow``)."""
         if not self.distributed:
             return model
         trainable = tuple(id(p) for p in model.parameters() if p.requires_grad)

@@ -30,8 +30,9 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, apply_overrides, config_names, load_config, parse_override, _assign
 from .distributed import resolve_runtime
-from .foster import ClassStream, Foster
+from .learners import Learner, build_learner
 from .metrics import MetricsHistory, RunLoggers, evaluate
+from .stream import ClassStream
 
 __all__ = ["main", "run", "build_parser", "Interrupted", "seed_everything", "default_out_dir"]
 
@@ -195,7 +196,7 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
         if runtime.is_main:
             begin = time.perf_counter()
             save_checkpoint(checkpoint_path, {
-                "version": 1,
+                "version": 2,
                 "config": cfg.to_dict(),
                 "learner": learner.state_dict(),
                 "history": history.state_dict(),
@@ -215,8 +216,8 @@ def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = Fa
         if cfg.checkpoint_every and (info["epoch"] + 1) % cfg.checkpoint_every == 0:
             save(learner)
 
-    learner = Foster(cfg=cfg, stream=stream, runtime=runtime, image_size=image_size, on_epoch_end=on_epoch_end,
-                     memory_dir=os.path.join(out_dir, MEMORY_DIR))
+    learner = build_learner(cfg, stream=stream, runtime=runtime, image_size=image_size, on_epoch_end=on_epoch_end,
+                            memory_dir=os.path.join(out_dir, MEMORY_DIR))
     if state is not None:
         learner.load_state_dict(state["learner"])
         history.load_state_dict(state["history"])
@@ -265,7 +266,7 @@ def _is_main_process() -> bool:
     return launch_env()[0] == 0
 
 
-def _phase_extra(learner: Foster, result: dict, seconds: float, source) -> dict:
+def _phase_extra(learner: Learner, result: dict, seconds: float, source) -> dict:
     """Per-phase values beside the accuracies: student accuracy, memory size, boxes, wall time."""
     memory = learner.memory
     counts = memory.counts()

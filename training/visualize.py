@@ -40,10 +40,11 @@ class RunView:
 
     def __init__(self, run_dir: str):
         from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-        from .config import Config
-        from .foster import memory_mode
+        from .config import MEMORY_LEARNERS, Config
         from .exemplar_store import ExemplarStore
+        from .learners.base import upgrade_state
         from .memory import ExemplarMemory
+        from .policy import memory_mode
         from .run import MEMORY_DIR
 
         self.run_dir = run_dir
@@ -53,14 +54,18 @@ class RunView:
                                     "after every phase)")
         self.state = load_checkpoint(path)
         self.cfg = Config.from_dict(self.state["config"])
-        learner = self.state["learner"]
-        stored = learner["memory"].get("store")
+        learner = upgrade_state(self.state["learner"], self.cfg.learner,
+                                uses_memory=self.cfg.learner in MEMORY_LEARNERS)
+        self.learner_state = learner
+        policy = learner["policy"] or {}
+        stored = (policy.get("memory") or {}).get("store")
         store = None if stored is None else ExemplarStore(os.path.join(run_dir, MEMORY_DIR), codec=stored["codec"],
                                                           quality=stored["quality"], writer=False)
         self.memory = ExemplarMemory(ratio=self.cfg.compress_ratio, mode=memory_mode(self.cfg.compression),
                                      store=store)
-        self.memory.load_state_dict(learner["memory"])
-        self.exemplar_cams = learner.get("exemplar_cams") or {}
+        if policy.get("memory") is not None:
+            self.memory.load_state_dict(policy["memory"])
+        self.exemplar_cams = policy.get("exemplar_cams") or {}
         self.network_state = (learner.get("network") or {}).get("state") or {}
         self.phase_index = learner.get("phase_index")
         info = _read_json(os.path.join(run_dir, "config.json")) or {}

@@ -28,7 +28,7 @@ from cim_ext.nn import RELU_INIT
 from ..cim import CamDataset, compute_boxes
 from ..config import Runtime
 from ..data import build_transform, collate_skip_bad
-from ..models import FosterNet, rational_modules
+from ..models import IncrementalNet, network_from_spec, rational_modules
 from ..visualize import load_run
 
 __all__ = ["branch_boxes", "main"]
@@ -36,7 +36,7 @@ __all__ = ["branch_boxes", "main"]
 BRANCHES = ("relu", "rational", "rational_init")
 
 
-def _reset_rationals(network: FosterNet) -> None:
+def _reset_rationals(network: IncrementalNet) -> None:
     with torch.no_grad():
         for _, module in rational_modules(network):
             module.numerator.copy_(torch.tensor(RELU_INIT["numerator"]))
@@ -46,7 +46,7 @@ def _reset_rationals(network: FosterNet) -> None:
 def branch_boxes(run_dir: str, *, batch_size: int = 256) -> dict:
     """``{branch: {"box_iou", "box_area", "images"}}`` of a finished run (see the module docstring)."""
     view = load_run(run_dir)
-    learner = view.state["learner"]
+    learner = view.learner_state
     truth = getattr(view.source.train, "object_boxes", None)
     if truth is None:
         raise ValueError(f"{run_dir}: the source {view.cfg.dataset!r} has no true object boxes")
@@ -60,7 +60,7 @@ def branch_boxes(run_dir: str, *, batch_size: int = 256) -> dict:
     runtime = Runtime(device=torch.device("cpu"))
     results = {}
     for branch in BRANCHES:
-        network = FosterNet.from_spec(learner["network"]["spec"])
+        network = network_from_spec(learner["network"]["spec"])
         network.load_state_dict(learner["network"]["state"])
         if branch == "rational_init":
             _reset_rationals(network)

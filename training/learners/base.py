@@ -1,0 +1,299 @@
+"""The learner contract (PyCIL's) and what every learner shares.
+
+``incremental_train(phase)`` trains one phase as a sequence of resumable stages (a subclass's ``STAGES``, each run by
+its ``_run_<stage>`` method, which moves ``self.stage`` on; the last one leaves ``"trained"``), ``eval_task()``
+predicts the test images of every seen class, ``after_task()`` closes the phase, and ``state_dict()`` /
+``load_state_dict()`` hold everything needed to continue exactly from an epoch boundary. A learner that keeps a
+memory holds a :class:`~training.policy.CIMPolicy` (the compression setting); the two bounds keep none.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Union
+
+import torch
+
+from ..data import build_transform, collate_skip_bad, PhaseDataset
+from ..memory import ExemplarMemory
+from ..models import network_from_spec
+from ..optim import lr_scheduler
+from ..policy import CIMPolicy
+
+__all__ = ["Learner", "upgrade_state"]
+
+
+class Learner:
+    """Base of the learners.
+
+    Args:
+        cfg: the run's :class:`~training.config.Config`.
+        stream: the :class:`~training.stream.ClassStream` (source, class order, phases).
+        runtime: the :class:`~training.config.Runtime` (device, precision, distributed hooks).
+        image_size: side of the training images after the transforms.
+        on_epoch_end: called as ``on_epoch_end(info)`` after every epoch of every stage (checkpoints, logging);
+            ``info`` has phase, stage, epoch, epochs, and the epoch's mean losses.
+        memory_dir: directory of the exemplar store (``None`` keeps the exemplars' pixels in RAM).
+    """
+
+    #: ``cfg.learner`` value, recorded in checkpoints.
+    NAME = ""
+    #: The stages of a phase, in order.
+    STAGES: tuple = ()
+    #: Whether the learner keeps an exemplar memory (a :class:`~training.policy.CIMPolicy`).
+    USES_MEMORY = True
+
+    def __init__(self, *, cfg, stream, runtime, image_size: int,
+                 on_epoch_end: Union[Callable[[dict], None], None] = None, memory_dir: Union[str, None] = None):
+        self.cfg, self.stream, self.runtime = cfg, stream, runtime
+        self.image_size = int(image_size)
+        self.on_epoch_end = on_epoch_end
+        self.network = None
+        self.generator = torch.Generator()
+        self.generator.manual_seed(cfg.seed)
+        self.known = self.total = 0
+        self.phase_index, self.stage, self.epoch = -1, "done", 0
+        self.optimizers: dict = {}
+        self.schedulers: dict = {}
+        self.transforms = {kind: build_transform(kind, self.image_size, augment=cfg.original_augmentation)
+                           for kind in ("train", "test", "cam")}
+        self.policy = CIMPolicy(cfg=cfg, stream=stream, runtime=runtime, transforms=self.transforms,
+                                loader=self._loader, memory_dir=memory_dir) if self.USES_MEMORY else None
+        # the exemplar memory (an empty one for a learner that keeps none)
+        self.memory = ExemplarMemory(ratio=cfg.compress_ratio, mode="none") if self.policy is None else \
+            self.policy.memory
+
+    # ---------------------------------------------------------------- what the run reports
+    @property
+    def phase_log(self) -> dict:
+        return {} if self.policy is None else self.policy.phase_log
+
+    @property
+    def calibration(self) -> Union[dict, None]:
+        return None if self.policy is None else self.policy.calibration
+
+    # ---------------------------------------------------------------- PyCIL contract
+    def incremental_train(self, phase) -> None:
+        """Train phase ``phase`` (resuming inside it if the learner state says so)."""
+        if self.phase_index != phase.index:
+            if self.stage != "done" or phase.index != self.phase_index + 1:
+                raise RuntimeError(f"incremental_train: phase {phase.index} after phase {self.phase_index} "
+                                   f"(stage {self.stage!r}); phases run in order")
+            self.phase_index, self.total = phase.index, phase.total
+            self._begin_phase(phase)
+        for stage in self.STAGES:
+            if self.stage == stage:
+                getattr(self, f"_run_{stage}")(phase)
+
+    def eval_task(self) -> dict:
+        """Top-5 predictions on the test images of every seen class: {"predictions": int64 [N, 5], "targets": int64
+        [N], "task_classes": labels per phase, ...the learner's extra predictions}."""
+        phase = self.stream.phases[self.phase_index]
+        loader = self._test_loader(phase)
+        predictions, targets = self._predict(self.network, loader)
+        return {"predictions": predictions, "targets": targets, "task_classes": self.stream.task_labels(phase),
+                **self._extra_predictions(loader)}
+
+    def after_task(self) -> None:
+        """Close the phase."""
+        if self.stage != "trained":
+            raise RuntimeError(f"after_task: phase {self.phase_index} is in stage {self.stage!r}, not trained")
+        self._close_phase()
+        self.known = self.total
+        self.optimizers, self.schedulers = {}, {}
+        if self.policy is not None:
+            self.policy.after_task()
+        self.stage, self.epoch = "done", 0
+
+    # ---------------------------------------------------------------- subclass hooks
+    def _begin_phase(self, phase) -> None:
+        """Build the phase's network and optimisers; set ``self.stage`` to the first stage."""
+        raise NotImplementedError
+
+    def _make_optimizers(self, phase) -> None:
+        """The optimisers and schedulers of the current stage (used when resuming)."""
+
+    def _extra_predictions(self, loader) -> dict:
+        return {}
+
+    def _close_phase(self) -> None:
+        """What ``after_task`` does beyond the common reset."""
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`_extra_state` saved."""
+
+    def _phi_scheduler(self, phase) -> Callable:
+        """phi's schedule in the phase's training stage: the theta schedule of that stage."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- shared stages and loops
+    def _run_memory(self, phase) -> None:
+        """Update the memory with the phase's network (boxes -> compressed exemplars -> herding)."""
+        self.policy.end_phase(phase, self.network)
+        self.stage = "trained"
+
+    def _schedule(self, optimizer, *, kind: str, epochs: int, milestones=()):
+        return lr_scheduler(optimizer, kind, epochs=epochs, milestones=milestones, gamma=self.cfg.lr_decay)
+
+    def _run_epochs(self, phase, *, stage: str, epochs: int, epoch_fn: Callable[[int], dict],
+                    finish: Callable[[], None], evaluate: bool = False) -> None:
+        """Epochs ``self.epoch..epochs`` of a stage: ``epoch_fn(epoch)`` trains one and returns its numbers, then
+        ``finish()`` after the last one (at once when ``epochs`` is 0); every epoch is reported to
+        ``on_epoch_end``."""
+        cfg = self.cfg
+        bar = _progress(range(self.epoch, epochs), enabled=cfg.progress and self.runtime.is_main, initial=self.epoch,
+                        total=epochs, desc=f"phase {phase.index} {stage}")
+        for epoch in bar:
+            start = time.perf_counter()
+            numbers = epoch_fn(epoch)
+            self.epoch = epoch + 1
+            if self.epoch == epochs:
+                finish()
+            info = {"phase": phase.index, "stage": stage, "epoch": epoch, "epochs": epochs,
+                    "seconds": time.perf_counter() - start, **numbers}
+            if evaluate and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+                info["test_top1"] = self._quick_accuracy(self.network, phase)
+            _set_postfix(bar, info)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(info)
+        if epochs == 0:
+            finish()
+
+    def _epoch(self, network, loader, step: Callable, *, prefix: str) -> dict:
+        """One pass of ``step(model, images, labels) -> dict`` over ``loader`` in train mode; mean numbers."""
+        rt = self.runtime
+        model = rt.wrap(network)
+        network.train()
+        totals, seen = {}, 0
+        for batch in loader:
+            if batch is None:
+                continue
+            images, labels = rt.to_device(batch[0], image=True), rt.to_device(batch[1])
+            out = step(model, images, labels)
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * (1 if key == "correct" else len(labels))
+            seen += len(labels)
+        if not seen:
+            return {}
+        return {prefix + ("acc" if key == "correct" else key): (100.0 if key == "correct" else 1.0) * value / seen
+                for key, value in totals.items()}
+
+    # ---------------------------------------------------------------- data and evaluation
+    def _loader(self, dataset, batch_size: int, *, shuffle: bool, shard: bool = True):
+        return self.runtime.loader(dataset, batch_size, shuffle=shuffle, generator=self.generator,
+                                   collate_fn=collate_skip_bad, workers=self.cfg.workers, shard=shard)
+
+    def _test_loader(self, phase):
+        test = self.stream.source.test
+        dataset = PhaseDataset(test, self.stream.test_indices(self.stream.seen_classes(phase)),
+                               self.transforms["test"], self.stream.label_map)
+        return self._loader(dataset, self.cfg.batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def _predict(self, net, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        rt = self.runtime
+        net.eval()
+        preds, targets = [], []
+        for batch in loader:
+            if batch is None:
+                continue
+            with rt.autocast():
+                logits = net(rt.to_device(batch[0], image=True))["logits"].float()
+            preds.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
+            targets.append(torch.as_tensor(batch[1]).cpu())
+        if not preds:
+            return torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(preds), torch.cat(targets)
+
+    def _quick_accuracy(self, net, phase) -> float:
+        preds, targets = self._predict(net, self._test_loader(phase))
+        return float((preds[:, 0] == targets).double().mean() * 100) if len(targets) else float("nan")
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly from here (at an epoch boundary or between phases)."""
+        return {
+            "learner": self.NAME,
+            "phase_index": self.phase_index,
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "known": self.known,
+            "total": self.total,
+            "network": _net_state(self.network),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "generator": self.generator.get_state(),
+            "policy": None if self.policy is None else self.policy.state_dict(),
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (or a checkpoint written before the learners were split, see
+        :meth:`_upgrade`)."""
+        state = self._upgrade(state)
+        if state["learner"] != self.NAME:
+            raise ValueError(f"load_state_dict: the checkpoint is of learner {state['learner']!r}, this run's is "
+                             f"{self.NAME!r}")
+        self.phase_index, self.stage, self.epoch = state["phase_index"], state["stage"], state["epoch"]
+        self.known, self.total = state["known"], state["total"]
+        self.network = self._build_network(state["network"])
+        self._load_extra_state(state)
+        self.generator.set_state(state["generator"])
+        phase = self.stream.phases[self.phase_index] if self.phase_index >= 0 else None
+        self.optimizers, self.schedulers = {}, {}
+        self._make_optimizers(phase)
+        for key, value in state["optimizers"].items():
+            self.optimizers[key].load_state_dict(value)
+        for key, value in state["schedulers"].items():
+            self.schedulers[key].load_state_dict(value)
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"], phase, self.network,
+                                        None if phase is None else self._phi_scheduler(phase))
+
+    def _build_network(self, entry):
+        if entry is None:
+            return None
+        net = network_from_spec(entry["spec"])
+        net.load_state_dict(entry["state"])
+        return self.runtime.prepare_model(net)
+
+    def _upgrade(self, state: dict) -> dict:
+        return upgrade_state(state, self.NAME, uses_memory=self.USES_MEMORY)
+
+
+def upgrade_state(state: dict, learner: str, *, uses_memory: bool) -> dict:
+    """A learner state written before the learners were split (one flat dict of the FOSTER class, which also ran
+    the bounds) in today's layout, for ``learner`` (the run's ``cfg.learner``); today's states unchanged."""
+    if "learner" in state:
+        return state
+    state = dict(state)
+    optimizers, schedulers = dict(state.get("optimizers", {})), dict(state.get("schedulers", {}))
+    phi = None
+    if "phi" in optimizers:
+        phi = {"optimizer": optimizers.pop("phi"), "scheduler": schedulers.pop("phi")}
+    policy = {key: state.pop(key, None) for key in ("memory", "exemplar_cams", "boxes", "aug_prob", "phase_log",
+                                                    "calibration")}
+    policy["phi"] = phi
+    state.update(learner=learner, optimizers=optimizers, schedulers=schedulers,
+                 policy=policy if uses_memory else None)
+    return state
+
+
+def _net_state(net) -> Union[dict, None]:
+    return None if net is None else {"spec": net.spec(), "state": net.state_dict()}
+
+
+def _progress(iterable, *, enabled: bool, initial: int, total: int, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, initial=initial, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _set_postfix(bar, info: dict) -> None:
+    if hasattr(bar, "set_postfix"):
+        keys = ("train_loss", "train_acc", "meta_outer", "student_loss", "test_top1")
+        bar.set_postfix({k: f"{info[k]:.3f}" for k in keys if k in info and isinstance(info[k], float)})
