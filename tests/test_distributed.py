@@ -106,47 +106,70 @@ def test_one_process_runtime(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------ DDP step
-def _tiny_net():
+class _DictNet(torch.nn.Module):
+    """Returns its features beside the logits computed from them, as the learners' networks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"features": features, "logits": self.fc(features)}
+
+
+def _tiny_net(outputs="tensor"):
     torch.manual_seed(0)
+    if outputs == "dict":
+        return _DictNet()
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
 
 
 def _grads(model, runtime, x, y):
     out = runtime.wrap(model)(x)
-    torch.nn.functional.cross_entropy(out, y).backward()
+    logits = out["logits"] if isinstance(out, dict) else out
+    torch.nn.functional.cross_entropy(logits, y).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _uneven_worker(rank, world, port, x, y, result_dir):
+def _batch_norm(model):
+    return next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _uneven_worker(rank, world, port, x, y, result_dir, outputs):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         runtime = ProcessRuntime(device=torch.device("cpu"), rank=rank, world_size=world)
-        model = runtime.prepare_model(_tiny_net()).train()
+        model = runtime.prepare_model(_tiny_net(outputs)).train()
         share = slice(0, 1) if rank == 0 else slice(1, 3)  # 1 + 2 images: an uneven last batch
         grads = _grads(model, runtime, x[share], y[share])
         if rank == 0:
-            torch.save({"grads": grads, "var": model[1].running_var}, os.path.join(result_dir, "ddp.pt"))
+            torch.save({"grads": grads, "var": _batch_norm(model).running_var}, os.path.join(result_dir, "ddp.pt"))
     finally:
         dist.barrier()  # a rank tearing gloo down while the other still talks to it can abort (SIGABRT)
         dist.destroy_process_group()
 
 
-def test_uneven_split_gives_the_global_batch_gradient(tmp_path):
+@pytest.mark.parametrize("outputs", ["tensor", "dict"])
+def test_uneven_split_gives_the_global_batch_gradient(tmp_path, outputs):
     """Ranks with 1 and 2 images: the DDP gradient (outputs scaled by world * local / global) and the global batch
-    norm equal the one-process gradient and statistics of the 3 images."""
+    norm equal the one-process gradient and statistics of the 3 images; also when the network returns its features
+    beside the logits computed from them (each path scaled once, not once per output it passes through)."""
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(3, 3, 6, 6, generator=gen), torch.tensor([0, 2, 1])
-    torch.multiprocessing.spawn(_uneven_worker, args=(2, _free_port(), x, y, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_uneven_worker, args=(2, _free_port(), x, y, str(tmp_path), outputs), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt")
-    model = _tiny_net().train()
+    model = _tiny_net(outputs).train()
     want = _grads(model, ProcessRuntime(device=torch.device("cpu")), x, y)
     for name, grad in want.items():
         assert torch.allclose(ddp["grads"][name], grad, atol=1e-6, rtol=1e-5), name
-    assert torch.allclose(ddp["var"], model[1].running_var, atol=1e-6)
+    assert torch.allclose(ddp["var"], _batch_norm(model).running_var, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------ torchrun
@@ -174,7 +197,7 @@ def _config_file(tmp_path, extra=()):
     return cfg, str(path)
 
 
-def _assert_same_run(single_dir, multi_dir):
+def _assert_same_run(single_dir, multi_dir, weight_atol=1e-4, stats_rtol=1e-3):
     """Same accuracies, the same exemplars (herding order aside), and the same network up to float rounding.
 
     The summation order differs between 1 and 2 processes (conv gradients over 4 + 4 images vs 8, batch-norm sums),
@@ -198,9 +221,9 @@ def _assert_same_run(single_dir, multi_dir):
         a, b = net1[name].double(), net2[name].double()
         if "running" in name:
             scale = float(a.abs().max()) + 1e-6
-            assert torch.allclose(a, b, rtol=0, atol=1e-3 * scale), f"{name}: {float((a - b).abs().max())}"
+            assert torch.allclose(a, b, rtol=0, atol=stats_rtol * scale), f"{name}: {float((a - b).abs().max())}"
         else:
-            assert torch.allclose(a, b, rtol=0, atol=1e-4), f"{name}: {float((a - b).abs().max())}"
+            assert torch.allclose(a, b, rtol=0, atol=weight_atol), f"{name}: {float((a - b).abs().max())}"
 
 
 def _exemplars(state, run_dir):
@@ -225,8 +248,18 @@ def _check_no_dropped_batch(single_dir, batch_size, world=2):
         assert remainder == 0 or remainder >= world, f"TINY: {new_images} + {phase['extra']['exemplars']} images"
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
-    cfg, path = _config_file(tmp_path)
+#: Weight and batch-norm statistics tolerances per learner. FOSTER's final network is its student; DER's keeps the phase-1 backbone, which
+#: trains on top of phase 0's batch-norm running statistics (the frozen old backbone runs on them): those differ by
+#: rounding between 1 and 2 processes (up to 3e-3 of a channel's value here) and move the first phase-1 gradient by
+#: 2% (measured by recomputing it from both processes' states), so DER's weights end 1.1e-3 apart (FOSTER's teacher
+#: without a student: 9e-4) and its batch-norm statistics 3.8e-3 of their largest value apart. Accuracies and
+#: exemplars are equal either way.
+TOLERANCES = {"foster": (1e-4, 1e-3), "der": (5e-3, 1e-2)}
+
+
+@pytest.mark.parametrize("learner", ["foster", "der"])
+def test_two_gloo_processes_equal_one_process(tmp_path, learner):
+    cfg, path = _config_file(tmp_path, [f"learner={learner}"])
     single = str(tmp_path / "single")
     torch.set_num_threads(1)
     run(Config.from_dict(cfg.to_dict()), out_dir=single)
@@ -236,7 +269,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count("phase classes") == 2, "only rank 0 prints the table (once per phase)"
     assert sorted(os.listdir(multi)) == sorted(os.listdir(single)), "rank 0 alone writes the run directory"
-    _assert_same_run(single, multi)
+    _assert_same_run(single, multi, *TOLERANCES[learner])
 
 
 @pytest.mark.slow

@@ -243,21 +243,36 @@ class ProcessRuntime(Runtime):
             dist.barrier()
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, tensor, scale):
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale.to(grad.dtype), None
+
+
 def _scale_gradients(output, scale: torch.Tensor):
-    """Multiply the gradient reaching every output tensor by ``scale`` (on CPU skipped when it is exactly 1; on CUDA
-    the test would wait for the device, and multiplying by 1 is exact anyway)."""
+    """The forward's output with every tensor replaced by an identity whose gradient is multiplied by ``scale``
+    (None: unchanged; on CPU skipped when ``scale`` is exactly 1; on CUDA the test would wait for the device, and
+    multiplying by 1 is exact anyway).
+
+    The outputs are replaced rather than hooked in place: ``logits`` are computed from ``features``, which the
+    network returns too, so a hook on each tensor would scale the gradient of every path through both twice."""
     if not torch.is_grad_enabled():
         return None
     if scale.device.type == "cpu" and float(scale) == 1.0:
         return None
+    wrap = lambda v: _ScaleGradient.apply(v, scale) if isinstance(v, torch.Tensor) and v.requires_grad else v  # noqa: E731
     if isinstance(output, dict):
-        values = output.values()
-    else:
-        values = output if isinstance(output, (list, tuple)) else [output]
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            value.register_hook(lambda grad, scale=scale: grad * scale.to(grad.dtype))
-    return None
+        return {key: wrap(value) for key, value in output.items()}
+    if isinstance(output, (list, tuple)):
+        return type(output)(wrap(value) for value in output)
+    return wrap(output)
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
