@@ -5,6 +5,7 @@ import os
 import pytest
 
 from training.experiments import ablation as ab
+from training.experiments.ablation import render, report, runner
 
 
 def _fake_summary(job, acc, *, phases=3, boxes=True, config=None):
@@ -93,7 +94,7 @@ def test_run_command_builds_the_jobs_config(name, tmp_path):
     from training.run import _config_from_args, build_parser
 
     job = ab.plan(ab.PRESETS[name], runs_dir=str(tmp_path), seeds=1, settings=["cim"], budgets=["small"])[0]
-    command = ab._command(job, "new")
+    command = runner._command(job, "new")
     assert command[1:3] == ["-m", "training.run"]
     assert _config_from_args(build_parser().parse_args(command[3:])).to_dict() == ab.job_config(job).to_dict()
 
@@ -181,12 +182,12 @@ def test_aggregation_on_fake_summaries(tmp_path):
 
 
 def test_stats_edge_cases():
-    assert ab._stats([]) is None
-    assert ab._stats([None, float("nan")]) is None
-    one = ab._stats([2.0])
+    assert report._stats([]) is None
+    assert report._stats([None, float("nan")]) is None
+    one = report._stats([2.0])
     assert one["mean"] == 2.0 and one["std"] is None and one["n"] == 1
-    assert ab._pm(one) == "2.00"
-    assert ab._pm(None) == "—"
+    assert render._pm(one) == "2.00"
+    assert render._pm(None) == "—"
 
 
 def _tiny_args(tmp_path, *more):
@@ -217,7 +218,7 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
 def test_empty_box_warning():
     by_setting = {"none": {"box_area_fraction": None}, "cam": {"box_area_fraction": {"mean": 0.4, "std": 0.1}},
                   "cim": {"box_area_fraction": {"mean": 0.0, "std": 0.0}}}
-    lines = ab._empty_box_warnings(by_setting)
+    lines = render._empty_box_warnings(by_setting)
     assert len(lines) == 1
     assert ab.SETTINGS["cim"].label in lines[0] and "empty boxes" in lines[0]
 
@@ -244,7 +245,7 @@ def test_iou_over_training_positions():
     summary = {"config": {"init_epochs": 4, "incre_epochs": 2}}
     extras = [{"box_iou": 0.5, "box_refreshes": [{"epoch": 2, "box_iou": 0.3}, {"epoch": 3, "box_iou": None}]},
               {"box_iou": 0.6, "box_refreshes": [{"epoch": 1, "box_iou": 0.4}]}]
-    assert ab._iou_over_training(summary, extras) == {0.5: 0.3, 1.0: 0.5, 1.5: 0.4, 2.0: 0.6}
+    assert report._iou_over_training(summary, extras) == {0.5: 0.3, 1.0: 0.5, 1.5: 0.4, 2.0: 0.6}
     curves = [{0.5: 0.2, 1.0: 0.4}, {0.5: 0.4}]
-    stats = ab._over_training_stats(curves)
+    stats = report._over_training_stats(curves)
     assert stats["x"] == [0.5, 1.0] and stats["mean"] == pytest.approx([0.3, 0.4]) and stats["n"] == [2, 1]

@@ -5,7 +5,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from training.data import (
     BadImageError,
@@ -23,23 +22,9 @@ from training.data import (
     phase_classes,
 )
 from training.data.synthetic import generate
+from trees import food101_tree, imagenet_tree, write_jpeg
 
 # ------------------------------------------------------------------------------------------------------- helpers
-
-
-def _write_jpeg(path, size=(12, 10), mode="RGB", seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).convert(mode).save(path, format="JPEG")
-
-
-def _imagenet_tree(root, wnids, per_class=2, val_per_class=1, size=(12, 10)):
-    for c, wnid in enumerate(wnids):
-        for k in range(per_class):
-            _write_jpeg(root / "train" / wnid / f"{wnid}_{k}.JPEG", size, seed=c * 10 + k)
-        for k in range(val_per_class):
-            _write_jpeg(root / "val" / wnid / f"ILSVRC2012_val_{c:05d}{k}.JPEG", size, seed=1000 + c * 10 + k)
 
 
 SMALL = dict(num_classes=20, train_per_class=3, test_per_class=2)
@@ -160,9 +145,9 @@ WNIDS = ["n01440764", "n01443537", "n01484850"]
 
 
 def test_imagenet1000_folder_with_corrupt_file(tmp_path):
-    _imagenet_tree(tmp_path, WNIDS)
-    _write_jpeg(tmp_path / "train" / WNIDS[1] / "gray.JPEG", mode="L")
-    _write_jpeg(tmp_path / "train" / WNIDS[1] / "cmyk.JPEG", mode="CMYK")
+    imagenet_tree(tmp_path, WNIDS)
+    write_jpeg(tmp_path / "train" / WNIDS[1] / "gray.JPEG", mode="L")
+    write_jpeg(tmp_path / "train" / WNIDS[1] / "cmyk.JPEG", mode="CMYK")
     bad = tmp_path / "train" / WNIDS[2] / "broken.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     (tmp_path / "train" / WNIDS[0] / "notes.txt").write_text("ignored: not an image extension")
@@ -200,7 +185,7 @@ def test_imagenet1000_folder_with_corrupt_file(tmp_path):
 
 
 def test_bad_count_is_shared_with_loader_workers(tmp_path):
-    _imagenet_tree(tmp_path, WNIDS[:2], per_class=3)
+    imagenet_tree(tmp_path, WNIDS[:2], per_class=3)
     (tmp_path / "train" / WNIDS[0] / "zero.JPEG").write_bytes(b"")
     source = load_source("imagenet1000", tmp_path)
     dataset = PhaseDataset(source.train, np.arange(len(source.train)), build_transform("cam", 8), {0: 0, 1: 1})
@@ -212,7 +197,7 @@ def test_bad_count_is_shared_with_loader_workers(tmp_path):
 
 
 def test_torchvision_imagenet_root(tmp_path):
-    _imagenet_tree(tmp_path, WNIDS)
+    imagenet_tree(tmp_path, WNIDS)
     torch.save(({w: (f"class {w}",) for w in WNIDS}, [WNIDS[0]] * 3), tmp_path / "meta.bin")
     source = load_source("imagenet1000", tmp_path)
     assert source.info["layout"] == "torchvision"
@@ -230,8 +215,8 @@ def test_bad_roots_name_the_layout(tmp_path):
     with pytest.raises(DataRootError, match="has no class folders") as info:
         load_source("imagenet100", tmp_path)
     assert "datasets.ImageNet" in str(info.value) and len(str(info.value).splitlines()) == 1
-    _imagenet_tree(tmp_path, WNIDS, val_per_class=0)
-    _write_jpeg(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    imagenet_tree(tmp_path, WNIDS, val_per_class=0)
+    write_jpeg(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
     with pytest.raises(DataRootError, match="raw ILSVRC2012 validation layout"):
         load_source("imagenet1000", tmp_path)
     with pytest.raises(DataRootError, match="Expected <root>/train/<class>/<image>"):
@@ -243,11 +228,11 @@ def test_bad_roots_name_the_layout(tmp_path):
 
 
 def test_imagefolder_empty_class_and_extra_val_class(tmp_path):
-    _imagenet_tree(tmp_path, ["cat", "dog"])
+    imagenet_tree(tmp_path, ["cat", "dog"])
     source = load_source("imagefolder", tmp_path, image_size=64)
     assert source.class_names == ["cat", "dog"] and source.image_size == 64
     (tmp_path / "val" / "eel").mkdir()
-    _write_jpeg(tmp_path / "val" / "eel" / "x.jpg")
+    write_jpeg(tmp_path / "val" / "eel" / "x.jpg")
     with pytest.raises(DataRootError, match="class folders missing from"):
         load_source("imagefolder", tmp_path)
     (tmp_path / "train" / "eel").mkdir()
@@ -257,16 +242,8 @@ def test_imagefolder_empty_class_and_extra_val_class(tmp_path):
 
 
 def test_food101_layout(tmp_path):
-    root = tmp_path / "food-101"
+    root = food101_tree(tmp_path / "food-101")
     classes = ["apple_pie", "baby_back_ribs", "ramen"]
-    lines = {"train": [], "test": []}
-    for c, name in enumerate(classes):
-        for k in range(3):
-            _write_jpeg(root / "images" / name / f"{100 + k}.jpg", seed=c * 3 + k)
-            lines["train" if k < 2 else "test"].append(f"{name}/{100 + k}")
-    (root / "meta").mkdir()
-    for split, entries in lines.items():
-        (root / "meta" / f"{split}.txt").write_text("\n".join(entries) + "\n")
     for given in (root, tmp_path):  # the food-101 folder itself or the folder that holds it
         source = load_source("food101", given)
         assert source.class_names == classes and len(source.train) == 6 and len(source.test) == 3
@@ -286,7 +263,7 @@ def test_imagenet100_list_and_selection(tmp_path):
     assert wnids[:3] == ["n01514668", "n01531178", "n01537544"]
     extra = ["n01440764", "n01443537"]
     assert not set(extra) & set(wnids)
-    _imagenet_tree(tmp_path, wnids + extra, per_class=1, val_per_class=1, size=(4, 4))
+    imagenet_tree(tmp_path, wnids + extra, per_class=1, val_per_class=1, size=(4, 4))
     source = load_source("imagenet100", tmp_path)
     assert source.num_classes == 100 and source.class_names == wnids
     assert len(source.train) == 100 and len(source.test) == 100

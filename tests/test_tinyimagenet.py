@@ -3,14 +3,13 @@ box IoU it reports against the whole-image baseline, and the shared 50-class sub
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from training.cim import box_iou
 from training.data import DataRootError, load_source
 from training.run import main
+from trees import tinyimagenet_tree, write_jpeg
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                       "tiny-imagenet-sub50")
@@ -23,36 +22,8 @@ TINY_RUN = [
 ]
 
 
-def _jpeg(path, seed, mode="RGB", size=16):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).convert(mode).save(path, format="JPEG")
-
-
-def tiny_imagenet_tree(root, wnids=("n01", "n02", "n03"), listed=None, per_class=4, val_per_class=2, size=16):
-    """A Tiny ImageNet tree in the official layout; wnids.txt lists ``listed`` (default: all). Box of image k of a
-    class: x0 y0 x1 y1 = k, 2k, size - 1, size - 1 - k (inclusive); the first train image is grayscale."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "wnids.txt").write_text("".join(f"{w}\n" for w in (listed or wnids)))
-    (root / "words.txt").write_text("".join(f"{w}\tthing {w}, another name\n" for w in wnids))
-    annotations = []
-    for c, wnid in enumerate(wnids):
-        lines = []
-        for k in range(per_class):
-            name = f"{wnid}_{k}.JPEG"
-            _jpeg(root / "train" / wnid / "images" / name, c * 100 + k, "L" if c == k == 0 else "RGB", size)
-            lines.append(f"{name}\t{k}\t{2 * k}\t{size - 1}\t{size - 1 - k}\n")
-        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(lines))
-        for k in range(val_per_class):
-            name = f"val_{c * val_per_class + k}.JPEG"
-            _jpeg(root / "val" / "images" / name, 1000 + c * 10 + k, size=size)
-            annotations.append(f"{name}\t{wnid}\t0\t0\t{size - 1}\t{k}\n")
-    (root / "val" / "val_annotations.txt").write_text("".join(annotations))
-    return root
-
-
 def test_source_reads_the_official_layout(tmp_path):
-    root = tiny_imagenet_tree(tmp_path / "tiny")
+    root = tinyimagenet_tree(tmp_path / "tiny")
     source = load_source("tinyimagenet", root)
     assert source.num_classes == 3 and source.image_size == 64
     assert source.class_names == ["thing n01, another name", "thing n02, another name", "thing n03, another name"]
@@ -66,7 +37,7 @@ def test_source_reads_the_official_layout(tmp_path):
 
 
 def test_source_keeps_the_classes_wnids_lists(tmp_path):
-    root = tiny_imagenet_tree(tmp_path / "tiny", listed=["n03", "n01"])
+    root = tinyimagenet_tree(tmp_path / "tiny", listed=["n03", "n01"])
     source = load_source("tinyimagenet", root)
     assert source.num_classes == 2 and source.info["wnids"] == ["n01", "n03"]
     assert len(source.train) == 8 and len(source.test) == 4 and len(source.test.object_boxes) == 4
@@ -77,7 +48,7 @@ def test_source_keeps_the_classes_wnids_lists(tmp_path):
 
 
 def test_source_keeps_the_first_train_per_class_images(tmp_path):
-    root = tiny_imagenet_tree(tmp_path / "tiny")
+    root = tinyimagenet_tree(tmp_path / "tiny")
     source = load_source("tinyimagenet", root, train_per_class=3)
     assert source.train.targets.tolist() == [0] * 3 + [1] * 3 + [2] * 3 and len(source.test) == 6
     assert source.train.object_boxes.of(4).tolist() == [[2, 15, 1, 16]]  # image 1 of class 1: the file's order
@@ -93,7 +64,7 @@ def test_source_keeps_the_first_train_per_class_images(tmp_path):
     (lambda root: (root / "train" / "n01" / "images" / "n01_0.JPEG").unlink(), "n01_0.JPEG does not exist"),
 ])
 def test_bad_roots_name_the_problem_and_the_layout(tmp_path, damage, words):
-    root = tiny_imagenet_tree(tmp_path / "tiny")
+    root = tinyimagenet_tree(tmp_path / "tiny")
     damage(root)
     with pytest.raises(DataRootError, match=words) as info:
         load_source("tinyimagenet", root)
@@ -103,7 +74,7 @@ def test_bad_roots_name_the_problem_and_the_layout(tmp_path, damage, words):
 
 
 def test_run_reports_box_iou_against_the_whole_image(tmp_path):
-    root = tiny_imagenet_tree(tmp_path / "tiny")
+    root = tinyimagenet_tree(tmp_path / "tiny")
     out = tmp_path / "run"
     summary = main(["--dataset", "tinyimagenet", "--data-root", str(root), "--out", str(out), "--set", *TINY_RUN])
     assert summary["finished"] and summary["phases_done"] == 2
@@ -125,7 +96,7 @@ def test_imagefolder_as_documented(tmp_path):
     for split, count in (("train", 4), ("val", 2)):
         for c in range(3):
             for k in range(count):
-                _jpeg(tmp_path / "data" / split / f"class{c}" / f"{k}.jpg", c * 10 + k)
+                write_jpeg(tmp_path / "data" / split / f"class{c}" / f"{k}.jpg", (16, 16), seed=c * 10 + k)
     summary = main(["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--out",
                     str(tmp_path / "run"), "--set", *TINY_RUN])
     assert summary["finished"] and summary["phases_done"] == 2

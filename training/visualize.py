@@ -323,9 +323,9 @@ def plot_rationals(view: RunView, path: str, *, span: float = 4.0) -> str:
 
 
 def _save(figure, path: str) -> str:
-    from .experiments.ablation import _save_figure
+    from .experiments.ablation.files import save_figure
 
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -223,13 +223,19 @@ class FosterNet(IncrementalNet):
 
 class DERNet(IncrementalNet):
     """DER's network (the original's ``DERNet``): one backbone per phase, all earlier ones frozen, and ``aux_fc``
-    over the new backbone's features classifying the new classes plus one "old" class (index 0)."""
+    over the new backbone's features classifying the new classes plus one "old" class (index 0). With one backbone
+    ``aux_fc`` is built (as in the original) but frozen: phase 0 has no old class and its loss does not use it."""
 
     HEADS = ("fc", "aux_fc")
     KIND = "der"
 
     def _grow_heads(self, num_classes, old_fc):
         self.aux_fc = _linear(self.out_dim, num_classes - sum(self.task_sizes) + 1, self.fc_bias)
+
+    def _freeze_old(self) -> None:
+        super()._freeze_old()
+        if self.aux_fc is not None:
+            self.aux_fc.requires_grad_(len(self.backbones) > 1)
 
     def _head_outputs(self, result, features):
         result["aux_logits"] = self.aux_fc(features[:, -self.out_dim:])

@@ -1,0 +1,4 @@
+"""``python -m training.experiments.ablation``."""
+from .cli import main
+
+main()
