@@ -38,7 +38,10 @@ __all__ = [
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 COMPRESSION_MODES = ("none", "downsample", "cam", "cim", "gt")
-MEMORY_LEARNERS = ("foster", "der")  # learners that keep exemplars (the bounds keep none)
+#: Learner names ``learner`` accepts (:func:`training.learners.register_learner` adds one), and those of them that
+#: keep exemplars (the bounds keep none).
+LEARNER_NAMES = ["foster", "der", "finetune", "joint"]
+MEMORY_LEARNERS = ["foster", "der"]
 BACKBONES = ("resnet18", "resnet32", "resnet20", "resnet14", "resnet8")
 DATASETS = ("synthetic", "imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101")
 
@@ -89,7 +92,7 @@ class Config:
     # learner: FOSTER or DER with the compression setting's memory, or one of the two usual bounds with no memory
     # (one network, plain CE): "finetune" trains on the new classes only (lower bound), "joint" on every seen
     # class's training images (upper bound)
-    learner: Literal["foster", "der", "finetune", "joint"] = "foster"
+    learner: str = "foster"  # one of LEARNER_NAMES
     # theta's schedule in the training stage: auto = the learner's own (FOSTER and the bounds: cosine over the
     # stage's epochs; DER: lr_decay at the milestones), or one of them for every learner
     lr_schedule: Literal["auto", "cosine", "multistep"] = "auto"
@@ -262,7 +265,11 @@ def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
         if len(value) != 1:
             raise ConfigError(f"device ({source}): one device per process (use torchrun for several), got {value!r}")
         value = "cpu" if str(value[0]) == "-1" else f"cuda:{value[0]}"
-    setattr(cfg, key, _convert(key if given == key else f"{given} (alias of {key})", value, types[key]))
+    name = key if given == key else f"{given} (alias of {key})"
+    value = _convert(name, value, types[key])
+    if key == "learner" and value not in LEARNER_NAMES:
+        raise ConfigError(f"{name}: expected one of {', '.join(repr(n) for n in LEARNER_NAMES)}, got {value!r}")
+    setattr(cfg, key, value)
 
 
 def _loose(value: Any) -> Any:
@@ -394,6 +401,7 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         need(0 < getattr(cfg, key) < 1, key, "a number in (0, 1)")
     need(cfg.compress_ratio >= 1, "compress_ratio", "a number >= 1")
+    need(cfg.learner in LEARNER_NAMES, "learner", "one of " + ", ".join(repr(name) for name in LEARNER_NAMES))
     need(cfg.learner in MEMORY_LEARNERS or cfg.compression == "none", "compression",
          f"'none' with learner={cfg.learner!r} (the bounds keep no exemplars)")
     for key in ("init_milestones", "incre_milestones"):

@@ -598,72 +598,16 @@ class ExemplarMemory:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self):
-        """Tensors (and plain values) describing the whole memory; see :meth:`load_state_dict`. With a store it holds
-        the part references (``shards``, ``refs``), no pixels; without one the packed pixels (``kept``, ``crops``)."""
-        records = list(self._records())
-        meta = torch.tensor([[label, r.index, *r.box, *r.size, *r.small_size] for label, r in records],
-                            dtype=torch.int64).reshape(-1, 10)
-        state = {
-            "mode": self.mode,
-            "ratio": self.ratio,
-            "channels": self.channels,
-            "labels": torch.tensor(self.classes(), dtype=torch.int64),
-            "meta": meta,  # label, index, y0, y1, x0, x1, H, W, h, w
-            "costs": torch.tensor([r.cost for _, r in records], dtype=torch.float64),
-            "kept_numel": torch.tensor([r.kept_numel for _, r in records], dtype=torch.int64),
-        }
-        if self.store is None:
-            empty = torch.zeros(0, dtype=torch.uint8)
-            state["kept"] = torch.cat([r.kept for _, r in records]) if records else empty
-            state["crops"] = torch.cat([r.crop for _, r in records]) if records else empty
-            return state
-        shards = list(dict.fromkeys(ref.shard for _, r in records for ref in r.refs if ref is not None))
-        number = {name: n for n, name in enumerate(shards)}
-        rows = [[field for ref in r.refs for field in ((number[ref.shard], ref.offset, ref.length) if ref else
-                                                       (-1, 0, 0))] for _, r in records]
-        state.update(store={"codec": self.store.codec, "quality": self.store.quality}, shards=shards,
-                     refs=torch.tensor(rows, dtype=torch.int64).reshape(-1, 6))  # small (shard, offset, length), crop
-        return state
+        """Tensors (and plain values) describing the whole memory (:func:`training.memory_state.memory_state`)."""
+        from .memory_state import memory_state
+
+        return memory_state(self)
 
     def load_state_dict(self, state):
-        """Restore :meth:`state_dict`. A state with pixels loaded into a memory with a store moves them there; a
-        state with references needs a store with the same codec."""
-        if state["mode"] != self.mode or float(state["ratio"]) != self.ratio or int(state["channels"]) != self.channels:
-            raise ValueError(f"load_state_dict: checkpoint memory is mode={state['mode']!r} ratio={state['ratio']} "
-                             f"channels={state['channels']}, this one mode={self.mode!r} ratio={self.ratio} "
-                             f"channels={self.channels}")
-        stored = state.get("store")
-        if stored is not None and (self.store is None or (stored["codec"], stored["quality"]) !=
-                                   (self.store.codec, self.store.quality)):
-            have = "no store" if self.store is None else f"codec {self.store.codec!r} quality {self.store.quality}"
-            raise ValueError(f"load_state_dict: the checkpoint's exemplars are in a store (codec {stored['codec']!r} "
-                             f"quality {stored['quality']}), this memory has {have}")
-        from .exemplar_store import PartRef
+        """Restore :meth:`state_dict` (:func:`training.memory_state.load_memory_state`)."""
+        from .memory_state import load_memory_state
 
-        classes = {int(label): [] for label in state["labels"].tolist()}
-        kept_offset = crop_offset = 0
-        for row, (label, index, y0, y1, x0, x1, height, width, small_h, small_w) in enumerate(state["meta"].tolist()):
-            kept_numel = int(state["kept_numel"][row])
-            crop_numel = self.channels * (y1 - y0) * (x1 - x0)
-            record = _Stored(index=index, box=(y0, y1, x0, x1), size=(height, width), small_size=(small_h, small_w),
-                             cost=float(state["costs"][row]), kept_numel=kept_numel, crop_numel=crop_numel)
-            if stored is None:
-                record.kept = state["kept"][kept_offset:kept_offset + kept_numel].clone()
-                record.crop = state["crops"][crop_offset:crop_offset + crop_numel].clone()
-            else:
-                values = state["refs"][row].tolist()
-                record.refs = tuple(None if values[k] < 0 else PartRef(state["shards"][values[k]], *values[k + 1:k + 3])
-                                    for k in (0, 3))
-            classes[label].append(record)
-            kept_offset += kept_numel
-            crop_offset += crop_numel
-        if stored is None and (kept_offset != state["kept"].numel() or crop_offset != state["crops"].numel()):
-            raise ValueError("load_state_dict: pixel payload does not match the exemplar table")
-        if stored is None and self.store is not None:
-            for label, records in classes.items():
-                if records:
-                    self._to_store(label, records)
-        self._classes = classes
+        load_memory_state(self, state)
 
 
 class MemoryDataset(Dataset):
