@@ -11,6 +11,10 @@ Measures images/s of
 ``meta``     the same on the boosting network (FOSTER inner loss)
 ``meta0_first_order``, ``meta_first_order``  the same two with ``meta_gradient="first_order"`` (theta detached in
              the rational branch): what the exact second-order gradient costs
+``der``      a DER step in a later phase (two backbones, the old one frozen; CE + auxiliary CE)  ``train_step`` with
+             :func:`training.learners.der.der_loss`
+``der_meta`` the CIM meta-step on that DER network with DER's inner loss (the original DER's: theta's lr, no
+             regulariser, no clip)
 ``infer``    an evaluation forward of the boosting network (no grad)
 ``memory``   exemplar selection + storage + rebuild for one class: CAM boxes (``cim_ext.cam_to_boxes`` on the
              rational branch), features of the box-compressed views (``cim_ext.compress``), cost-aware herding
@@ -63,11 +67,13 @@ from training.config import ConfigError, Runtime, load_config
 from training.learners.foster import class_balance_weights, foster_loss, student_step
 from training.learners.steps import train_step
 from training.memory import exemplar_costs, herding_select
-from training.models import FosterNet, split_parameters
+from training.learners.der import der_loss
+from training.models import DERNet, FosterNet, build_backbone, split_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("cim_ext", "reference")
-CASES = ("train0", "boost", "student", "meta0", "meta", "meta0_first_order", "meta_first_order", "infer", "memory")
+CASES = ("train0", "boost", "student", "meta0", "meta", "meta0_first_order", "meta_first_order", "der", "der_meta",
+         "infer", "memory")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -202,6 +208,7 @@ class Bench:
         self.phase0 = self.runtime.prepare_model(FosterNet(backbone=s.backbone).grow(s.known))
         self.boost = self.runtime.prepare_model(FosterNet(backbone=s.backbone).grow(s.known).grow(s.known + s.new))
         self.student = self.runtime.prepare_model(self.boost.student())
+        self.der = self.runtime.prepare_model(DERNet(backbone=s.backbone).grow(s.known).grow(s.known + s.new))
         counts = [20] * s.known + [s.candidates] * s.new
         self.weights = class_balance_weights(counts, 0.97).to(device)
         self.student_weights = class_balance_weights(counts, 0.97).to(device)
@@ -275,6 +282,31 @@ class Bench:
                                 class_weights=self.student_weights, T=2.0, autocast=self.runtime.autocast)
 
         return step, self.sizes.batch
+
+    def _case_der(self):
+        net, optimizer = self.der, self._sgd(self.der)
+        net.train()
+        loss_fn = lambda out, y: der_loss(out, y, known=self.sizes.known)  # noqa: E731
+
+        def step():
+            images, labels = self._next(self.batches)
+            return train_step(net, images, labels, optimizer=optimizer, loss_fn=loss_fn,
+                              autocast=self.runtime.autocast)
+
+        return step, self.sizes.batch
+
+    def _case_der_meta(self):
+        net, optimizer = self.der, self._adam(self.der)
+        inner_loss = lambda out, y: der_loss(out, y, known=self.sizes.known)[0]  # noqa: E731
+        net.train()
+
+        def step():
+            first, second = self._next(self.meta_batches), self._next(self.meta_batches)
+            return cim_lib.meta_step(net, first, second, phi_optimizer=optimizer, inner_lr=0.1,
+                                     compress_ratio=self.sizes.ratio, div_coef=0.2, reg_coef=0.0, max_grad_norm=None,
+                                     inner_loss=inner_loss, autocast=self.runtime.autocast)
+
+        return step, self.sizes.meta_batch
 
     def _meta(self, boosting, meta_gradient="exact"):
         net, classes = (self.boost, self.sizes.known + self.sizes.new) if boosting else (self.phase0, self.sizes.known)
@@ -383,6 +415,22 @@ def memory_class(net: FosterNet, images: torch.Tensor, *, label: int, sizes: Siz
     finally:
         net.train(was_training)
     return stages
+
+
+# ----------------------------------------------------------------------------------------------------- DER's size
+def der_parameters(backbone: str = "resnet18", *, init_cls: int = 100, increment: int = 100, phases: int = 10) -> list:
+    """Parameters of DER's network in each phase (one backbone more per phase, old ones frozen; ``fc`` over every
+    backbone's features, ``aux_fc`` over the new one's): total and trainable, counted from one built backbone."""
+    one = build_backbone(backbone)
+    per_backbone, dim = sum(p.numel() for p in one.parameters()), one.out_dim
+    rows = []
+    for p in range(phases):
+        seen, new = init_cls + p * increment, init_cls if p == 0 else increment
+        heads = (p + 1) * dim * seen + dim * (new + 1)  # bias-free heads, as the original's
+        aux = 0 if p == 0 else dim * (new + 1)  # phase 0's auxiliary head is built but not trained
+        rows.append({"phase": p, "backbones": p + 1, "classes": seen, "total": (p + 1) * per_backbone + heads,
+                     "trainable": per_backbone + (p + 1) * dim * seen + aux})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------- projection
@@ -588,7 +636,8 @@ def main(argv=None) -> int:
     schedule, schedule_source = schedule_config(args.config)
     report = {"environment": info, "sizes": asdict(sizes), "settings": settings, "schedule": schedule,
               "schedule_source": schedule_source, "exemplar_cost": args.exemplar_cost,
-              "formula": project_hours.__doc__, "projection": {}, "speedup": {}}
+              "formula": project_hours.__doc__, "projection": {}, "speedup": {},
+              "der_parameters": der_parameters(sizes.backbone)}
     for b in backends:
         rates = rates_of(settings[b])
         if rates is not None:

@@ -139,6 +139,11 @@ def test_der_runs_with_each_compression(tmp_path, compression):
         assert extra["box_area_fraction"] is not None
     metrics = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     assert len(metrics) == 3
+    if compression == "cim":  # the run's pictures: stored exemplars (rebuilt bit-exactly) and the learnt rationals
+        from training.visualize import main as visualize
+
+        drawn = visualize([str(tmp_path), "--classes", "3", "--per-class", "1"])
+        assert drawn["rows"] == 3 and drawn["mismatches"] == 0 and os.path.isfile(drawn["rationals"])
 
 
 def _source_tree(name, root):

@@ -115,3 +115,17 @@ def test_loader_quick(tmp_path):
     assert report["results"]["device"]["images"] == report["results"]["workers=0"]["images"]
     assert report["step_demand"]["boost"] == 100.0
     assert "fraction_of_fastest_step" in report["results"]["workers=0"]
+
+
+def test_der_parameter_count_matches_the_network():
+    from training.models import DERNet
+
+    rows = steps.der_parameters("resnet8", init_cls=2, increment=3, phases=3)
+    net = DERNet(backbone="resnet8")
+    for row, seen in zip(rows, (2, 5, 8)):
+        net.grow(seen)
+        assert row["backbones"] == len(net.backbones) and row["classes"] == seen
+        assert row["total"] == sum(p.numel() for p in net.parameters())
+        assert row["trainable"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    imagenet = steps.der_parameters()
+    assert [r["backbones"] for r in imagenet] == list(range(1, 11)) and imagenet[-1]["classes"] == 1000
