@@ -63,7 +63,8 @@ import cim_ext
 from cim_ext import reference as _ref
 
 from training import cim as cim_lib
-from training.config import ConfigError, Runtime, load_config
+from training.config import ConfigError, load_config
+from training.runtime import Runtime
 from training.learners.foster import class_balance_weights, foster_loss, student_step
 from training.learners.steps import train_step
 from training.memory import exemplar_costs, herding_select

@@ -18,7 +18,7 @@ from training.cim import (
     num_meta_iters,
     refresh_due,
 )
-from training.config import Runtime
+from training.runtime import Runtime
 from training.data import build_transform, collate_skip_bad
 from training.learners.foster import foster_loss
 from training.models import FosterNet, split_parameters

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from training.config import Config, ConfigError, config_names, load_config, resolve_runtime
+from training.config import Config, ConfigError, config_names, load_config
+from training.runtime import resolve_runtime
 from training.optim import theta_optimizer
 
 # Hyper-parameters of the original xfflzl/CIM-CIL exps/cim-*.json files (facts the bundled configs must reproduce).

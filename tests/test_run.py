@@ -112,14 +112,17 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_cli_resume_reads_the_checkpoint_once_and_reports_its_size(tmp_path, monkeypatch):
-    import training.run as run_module
+    import training.checkpoint as checkpoint_module
+    import training.runner as runner_module
 
     out = tmp_path / "cut"
     with pytest.raises(Interrupted):
         run(_tiny("compression=cam"), out_dir=str(out), stop_after_checkpoints=1)
     reads = []
-    original = run_module.load_checkpoint
-    monkeypatch.setattr(run_module, "load_checkpoint", lambda path, **kw: reads.append(path) or original(path, **kw))
+    original = checkpoint_module.load_checkpoint
+    counting = lambda path, **kw: reads.append(path) or original(path, **kw)  # noqa: E731
+    for module in (checkpoint_module, runner_module):
+        monkeypatch.setattr(module, "load_checkpoint", counting)
     summary = main(["--out", str(out), "--resume", "--set", "progress=false"])
     assert summary["finished"] and len(reads) == 1
     assert summary["checkpoint"]["bytes"] == os.path.getsize(out / "checkpoint.pt")

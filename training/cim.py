@@ -174,7 +174,8 @@ def meta_step(
     autocast=None,
     meta_gradient: str = "exact",
 ) -> dict:
-    """One CIM meta-iteration; updates the rational coefficients (phi) only. Returns detached loss tensors.
+    """One CIM meta-iteration; updates the rational coefficients (phi) only, unless its outer loss or phi's
+    gradient is not finite (then nothing is updated and ``skipped`` is 1). Returns detached loss tensors.
 
     Args:
         model: a network whose ``forward(x, activation)`` returns a dict with ``fmaps`` and ``logits``, and whose
@@ -207,8 +208,15 @@ def meta_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(phi_list, max_grad_norm)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in present])) if present else torch.zeros(())
-    phi_optimizer.step()
-    return {"outer": outer.detach(), **parts, "phi_grad_norm": torch.as_tensor(grad_norm).detach()}
+    # A non-finite outer loss or phi gradient is never applied: it would leave every rational, CAM and box NaN
+    # for the rest of the phase (what the original code does on real photos).
+    skipped = not (bool(torch.isfinite(outer)) and bool(torch.isfinite(torch.as_tensor(grad_norm))))
+    if skipped:
+        phi_optimizer.zero_grad(set_to_none=True)
+    else:
+        phi_optimizer.step()
+    return {"outer": outer.detach(), **parts, "phi_grad_norm": torch.as_tensor(grad_norm).detach(),
+            "skipped": torch.tensor(float(skipped))}
 
 
 class _NoAutocast:

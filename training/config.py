@@ -9,8 +9,8 @@ The original repository's JSON files load unchanged: its keys ``convnet_type`` a
 ``model_name`` and ``oofc`` are accepted and checked but have no effect (the class order is always shuffled, the
 learner is chosen by ``learner``, ``oofc`` is unused by the original FOSTER+CIM learner).
 
-:class:`Runtime` resolves the device, distributed rank and precision settings once; learners receive it and never
-pick devices, wrap models or build samplers themselves.
+The module imports no torch, so that a bad key or value is reported before the heavy imports (:mod:`training.runtime`
+resolves devices).
 """
 from __future__ import annotations
 
@@ -22,17 +22,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-import torch
-
 __all__ = [
     "Config",
     "ConfigError",
-    "Runtime",
     "load_config",
     "config_names",
     "config_path",
     "parse_override",
-    "resolve_runtime",
 ]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -134,7 +130,9 @@ class Config:
     amp: bool = False  # bf16 autocast (CUDA only); the original runs fp32
     channels_last: bool = True  # only on CUDA
     deterministic: bool = False
-    checkpoint_every: int = 10  # epochs between checkpoints inside a phase (0: only after each phase)
+    checkpoint_every: int = 10  # epochs between checkpoints inside a stage (0: none; stage and phase ends always)
+    checkpoint_minutes: float = 5.0  # also a checkpoint at the first batch end this long after the last (0: never)
+    on_nonfinite_loss: Literal["error", "skip"] = "error"  # a NaN/Inf training loss: stop, or skip that batch
     eval_every: int = 0  # epochs between test evaluations inside a phase, for the progress bar (0: never)
     tensorboard: bool = True
     progress: bool = True
@@ -402,6 +400,12 @@ def _check_ranges(cfg: Config) -> None:
         need(0 < getattr(cfg, key) < 1, key, "a number in (0, 1)")
     need(cfg.compress_ratio >= 1, "compress_ratio", "a number >= 1")
     need(cfg.learner in LEARNER_NAMES, "learner", "one of " + ", ".join(repr(name) for name in LEARNER_NAMES))
+    need(cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "a number >= 0 (0: no checkpoints by wall time)")
+    if cfg.learner in MEMORY_LEARNERS:
+        budget = cfg.memory_per_class if cfg.fixed_memory else cfg.memory_size
+        need(budget > 0, "memory_per_class" if cfg.fixed_memory else "memory_size",
+             f"an integer > 0 for learner={cfg.learner!r}, which keeps exemplars (for a run without memory use "
+             "learner=finetune)")
     need(cfg.learner in MEMORY_LEARNERS or cfg.compression == "none", "compression",
          f"'none' with learner={cfg.learner!r} (the bounds keep no exemplars)")
     for key in ("init_milestones", "incre_milestones"):
@@ -421,94 +425,3 @@ def _check_ranges(cfg: Config) -> None:
         device.startswith("cuda:") and device[5:].isdigit()
     )
     need(valid_device, "device", "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
-
-
-# ---------------------------------------------------------------------------------------------------------- runtime
-@dataclass
-class Runtime:
-    """Where and how a process computes: the one place that knows devices, ranks and precision.
-
-    Learners call :meth:`autocast`, :meth:`to_device`, :meth:`prepare_model`, :meth:`wrap`, :meth:`loader` and
-    :meth:`broadcast_object` / :meth:`broadcast_tensors`; :class:`training.distributed.ProcessRuntime` (what
-    ``training.run`` uses) overrides them for torchrun.
-    """
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    amp_dtype: Union[torch.dtype, None] = None
-    channels_last: bool = False
-    deterministic: bool = False
-    decode_on_device: bool = False  # images decoded, transformed and rebuilt on ``device`` (training.distributed)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def autocast(self):
-        """Autocast context for forward passes (bf16 on CUDA when amp is on; a no-op otherwise)."""
-        if self.amp_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def to_device(self, tensor: torch.Tensor, *, image: bool = False) -> torch.Tensor:
-        tensor = tensor.to(self.device, non_blocking=True)
-        if image and self.channels_last and tensor.dim() == 4:
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
-        return tensor
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Move a model to the device (and to channels_last when enabled), in place."""
-        model.to(self.device)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        return model
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to call for gradient steps: the model itself in one process (DDP wrapping goes here)."""
-        return model
-
-    def loader(self, dataset, batch_size: int, *, shuffle: bool, generator=None, collate_fn=None, workers: int = 0,
-               shard: bool = True):
-        """A DataLoader over ``dataset`` (shuffled with ``generator`` when ``shuffle``; ``shard`` only matters with
-        several processes)."""
-        from torch.utils.data import DataLoader
-
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
-                          collate_fn=collate_fn, num_workers=workers, pin_memory=self.device.type == "cuda")
-
-    def broadcast_object(self, obj, src: int = 0):
-        """Rank ``src``'s ``obj`` on every rank: the object itself in one process."""
-        return obj
-
-    def broadcast_tensors(self, tensors, src: int = 0) -> None:
-        """Overwrite ``tensors`` with rank ``src``'s values: nothing to do in one process."""
-
-
-def resolve_runtime(cfg: Config) -> Runtime:
-    """Resolve ``cfg.device`` (auto -> cuda if available), AMP/channels_last (CUDA only) and determinism."""
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    on_cuda = device.type == "cuda"
-    if on_cuda and device.index is not None:
-        torch.cuda.set_device(device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif on_cuda:
-        torch.backends.cudnn.benchmark = True
-    return Runtime(
-        device=device,
-        amp_dtype=torch.bfloat16 if (cfg.amp and on_cuda) else None,
-        channels_last=bool(cfg.channels_last and on_cuda),
-        deterministic=cfg.deterministic,
-    )

@@ -41,8 +41,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, Sampler, SequentialSampler
 
-from .config import Config, ConfigError, Runtime
-from .config import resolve_runtime as _resolve_device
+from .config import Config, ConfigError
+from .runtime import Runtime
+from .runtime import resolve_runtime as _resolve_device
 
 __all__ = [
     "ProcessRuntime",
@@ -111,7 +112,7 @@ def _destroy_process_group() -> None:
 # ---------------------------------------------------------------------------------------------------- runtime
 @dataclass
 class ProcessRuntime(Runtime):
-    """:class:`training.config.Runtime` of one process of a (possibly one-process) run."""
+    """:class:`training.runtime.Runtime` of one process of a (possibly one-process) run."""
 
     sync_bn: bool = True
     pin_memory: bool = True
@@ -169,16 +170,18 @@ class ProcessRuntime(Runtime):
 
     # ---------------------------------------------------------------- data
     def loader(self, dataset, batch_size: int, *, shuffle: bool, generator: Union[torch.Generator, None] = None,
-               collate_fn: Union[Callable, None] = None, workers: int = 0, shard: bool = True) -> DataLoader:
+               collate_fn: Union[Callable, None] = None, workers: int = 0, shard: bool = True,
+               skip: int = 0) -> DataLoader:
         """A loader over ``dataset``.
 
         ``shuffle=True`` (training): a seeded global order from ``generator``, global batches of ``batch_size``;
         with ``shard`` (and more than one process) each rank gets its part of every global batch, else every rank
-        gets whole batches (the CIM meta-step, which every rank runs on the same batches). ``shuffle=False``: the
-        dataset in order, whole, on every rank."""
+        gets whole batches (the CIM meta-step, which every rank runs on the same batches); the first ``skip``
+        batches are left out (the same order, drawn from the same generator state: a resumed epoch).
+        ``shuffle=False``: the dataset in order, whole, on every rank."""
         if self.decode_on_device and _device_images(dataset):
             return self._device_loader(dataset, batch_size, shuffle=shuffle, generator=generator,
-                                       collate_fn=collate_fn, shard=shard)
+                                       collate_fn=collate_fn, shard=shard, skip=skip)
         # A private generator for the DataLoader's worker base seed, so that loaders never draw from torch's global
         # RNG (which initialises new heads): workers need no distinct seeds, every item seeds its own augmentation.
         options = {"num_workers": workers, "collate_fn": collate_fn, "generator": torch.Generator(),
@@ -189,15 +192,16 @@ class ProcessRuntime(Runtime):
             return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
         sharded = shard and self.distributed
         sampler = GlobalBatchSampler(len(dataset), batch_size, generator=generator,
-                                     rank=self.rank if sharded else 0, world_size=self.world_size if sharded else 1)
+                                     rank=self.rank if sharded else 0, world_size=self.world_size if sharded else 1,
+                                     skip=skip)
         return DataLoader(SeededDataset(dataset), batch_sampler=sampler, **options)
 
-    def _device_loader(self, dataset, batch_size, *, shuffle, generator, collate_fn, shard):
+    def _device_loader(self, dataset, batch_size, *, shuffle, generator, collate_fn, shard, skip):
         if shuffle:
             sharded = shard and self.distributed
             sampler = GlobalBatchSampler(len(dataset), batch_size, generator=generator,
                                          rank=self.rank if sharded else 0,
-                                         world_size=self.world_size if sharded else 1)
+                                         world_size=self.world_size if sharded else 1, skip=skip)
             return DeviceDecodeLoader(SeededDataset(dataset), sampler, collate_fn=collate_fn)
         sampler = BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False)
         return DeviceDecodeLoader(dataset, sampler, collate_fn=collate_fn)
@@ -284,10 +288,11 @@ class GlobalBatchSampler(Sampler):
     iteration starts, the same two draws whatever the world size; item at position p of the order gets seed
     ``base + p``. A last global batch smaller than ``world_size`` is dropped (no rank may get an empty batch), so
     one-process and multi-process runs match whenever ``size % batch_size`` is 0 or at least ``world_size``.
+    ``skip``: the first batches are drawn but not yielded (an epoch resumed after that many batches).
     """
 
     def __init__(self, size: int, batch_size: int, *, generator: Union[torch.Generator, None] = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, skip: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -297,10 +302,11 @@ class GlobalBatchSampler(Sampler):
         self.generator = generator
         self.rank = rank
         self.world_size = world_size
+        self.skip = int(skip)
 
     def _global_batches(self) -> list[tuple[int, int]]:
         spans = [(start, min(start + self.batch_size, self.size)) for start in range(0, self.size, self.batch_size)]
-        return [(a, b) for a, b in spans if b - a >= self.world_size]
+        return [(a, b) for a, b in spans if b - a >= self.world_size][self.skip:]
 
     def __len__(self) -> int:
         return len(self._global_batches())

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from cim_ext.nn import RELU_INIT
 
 from ..cim import CamDataset, compute_boxes
-from ..config import Runtime
+from ..runtime import Runtime
 from ..data import build_transform, collate_skip_bad
 from ..models import IncrementalNet, network_from_spec, rational_modules
 from ..visualize import load_run

@@ -2,7 +2,7 @@
 ``state_dict`` / ``load_state_dict``): FOSTER and DER, which keep an exemplar memory through the compression
 setting's :class:`~training.policy.CIMPolicy`, and the two bounds without memory. ``LEARNERS`` maps the config's
 ``learner`` key to the class; docs/learners.md shows how to add one."""
-from .base import Learner
+from .base import Hooks, Learner
 from .bounds import Finetune, Joint
 from .der import DER
 from .foster import Foster
@@ -30,4 +30,4 @@ def build_learner(cfg, **kwargs) -> Learner:
     return LEARNERS[cfg.learner](cfg=cfg, **kwargs)
 
 
-__all__ = ["Learner", "Foster", "DER", "Finetune", "Joint", "LEARNERS", "build_learner", "register_learner"]
+__all__ = ["Learner", "Hooks", "Foster", "DER", "Finetune", "Joint", "LEARNERS", "build_learner", "register_learner"]

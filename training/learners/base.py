@@ -3,12 +3,14 @@
 ``incremental_train(phase)`` trains one phase as a sequence of resumable stages (a subclass's ``STAGES``, each run by
 its ``_run_<stage>`` method, which moves ``self.stage`` on; the last one leaves ``"trained"``), ``eval_task()``
 predicts the test images of every seen class, ``after_task()`` closes the phase, and ``state_dict()`` /
-``load_state_dict()`` hold everything needed to continue exactly from an epoch boundary. A learner that keeps a
-memory holds a :class:`~training.policy.CIMPolicy` (the compression setting); the two bounds keep none.
+``load_state_dict()`` hold everything needed to continue exactly from any batch boundary (the state of an epoch in
+progress included). A learner that keeps a memory holds a :class:`~training.policy.CIMPolicy` (the compression
+setting); the two bounds keep none. The runner follows it through :class:`Hooks`.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
@@ -18,8 +20,27 @@ from ..memory import ExemplarMemory
 from ..models import network_from_spec
 from ..optim import lr_scheduler
 from ..policy import CIMPolicy
+from .steps import NonFiniteLoss
 
-__all__ = ["Learner", "upgrade_state"]
+__all__ = ["Learner", "Hooks", "NonFiniteLoss", "upgrade_state"]
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+@dataclass
+class Hooks:
+    """What a learner tells its runner; every hook is optional.
+
+    ``epoch_end(info)``: after every epoch of every stage (``info``: phase, stage, epoch, epochs, stage_end, the
+    epoch's mean losses); ``batch_end(done, total)``: after every training batch of an epoch (progress, and a safe
+    point: the learner's state is then consistent, so the runner may checkpoint, or stop by raising);
+    ``status(text)``: a one-line report of work between epochs (box refresh, memory update)."""
+
+    epoch_end: Callable[[dict], None] = _nothing
+    batch_end: Callable[[int, int], None] = _nothing
+    status: Callable[[str], None] = _nothing
 
 
 class Learner:
@@ -28,10 +49,9 @@ class Learner:
     Args:
         cfg: the run's :class:`~training.config.Config`.
         stream: the :class:`~training.stream.ClassStream` (source, class order, phases).
-        runtime: the :class:`~training.config.Runtime` (device, precision, distributed hooks).
+        runtime: the :class:`~training.runtime.Runtime` (device, precision, distributed hooks).
         image_size: side of the training images after the transforms.
-        on_epoch_end: called as ``on_epoch_end(info)`` after every epoch of every stage (checkpoints, logging);
-            ``info`` has phase, stage, epoch, epochs, and the epoch's mean losses.
+        hooks: the runner's :class:`Hooks` (checkpoints, progress, logging).
         memory_dir: directory of the exemplar store (``None`` keeps the exemplars' pixels in RAM).
     """
 
@@ -42,11 +62,11 @@ class Learner:
     #: Whether the learner keeps an exemplar memory (a :class:`~training.policy.CIMPolicy`).
     USES_MEMORY = True
 
-    def __init__(self, *, cfg, stream, runtime, image_size: int,
-                 on_epoch_end: Union[Callable[[dict], None], None] = None, memory_dir: Union[str, None] = None):
+    def __init__(self, *, cfg, stream, runtime, image_size: int, hooks: Union[Hooks, None] = None,
+                 memory_dir: Union[str, None] = None):
         self.cfg, self.stream, self.runtime = cfg, stream, runtime
         self.image_size = int(image_size)
-        self.on_epoch_end = on_epoch_end
+        self.hooks = hooks or Hooks()
         self.network = None
         self.generator = torch.Generator()
         self.generator.manual_seed(cfg.seed)
@@ -54,10 +74,12 @@ class Learner:
         self.phase_index, self.stage, self.epoch = -1, "done", 0
         self.optimizers: dict = {}
         self.schedulers: dict = {}
+        self.partial_epoch: Union[dict, None] = None  # the epoch in progress: see _epoch
         self.transforms = {kind: build_transform(kind, self.image_size, augment=cfg.original_augmentation)
                            for kind in ("train", "test", "cam")}
         self.policy = CIMPolicy(cfg=cfg, stream=stream, runtime=runtime, transforms=self.transforms,
-                                loader=self._loader, memory_dir=memory_dir) if self.USES_MEMORY else None
+                                loader=self._loader, memory_dir=memory_dir,
+                                status=lambda text: self.hooks.status(text)) if self.USES_MEMORY else None
         # the exemplar memory (an empty one for a learner that keeps none)
         self.memory = ExemplarMemory(ratio=cfg.compress_ratio, mode="none") if self.policy is None else \
             self.policy.memory
@@ -104,6 +126,14 @@ class Learner:
             self.policy.after_task()
         self.stage, self.epoch = "done", 0
 
+    def _epochs(self, phase) -> int:
+        """Epochs of the phase's training stage: ``init_epochs`` in phase 0, ``incre_epochs`` later."""
+        return self.cfg.init_epochs if phase.index == 0 else self.cfg.incre_epochs
+
+    def epochs_in(self, phase) -> int:
+        """Epochs of all the stages of ``phase`` (the run's progress)."""
+        return self._epochs(phase)
+
     # ---------------------------------------------------------------- subclass hooks
     def _begin_phase(self, phase) -> None:
         """Build the phase's network and optimisers; set ``self.stage`` to the first stage."""
@@ -143,47 +173,69 @@ class Learner:
         ``finish()`` after the last one (at once when ``epochs`` is 0); every epoch is reported to
         ``on_epoch_end``."""
         cfg = self.cfg
-        bar = _progress(range(self.epoch, epochs), enabled=cfg.progress and self.runtime.is_main, initial=self.epoch,
-                        total=epochs, desc=f"phase {phase.index} {stage}")
-        for epoch in bar:
+        for epoch in range(self.epoch, epochs):
             start = time.perf_counter()
             numbers = epoch_fn(epoch)
             self.epoch = epoch + 1
-            if self.epoch == epochs:
+            last = self.epoch == epochs
+            if last:
                 finish()
-            info = {"phase": phase.index, "stage": stage, "epoch": epoch, "epochs": epochs,
+            info = {"phase": phase.index, "stage": stage, "epoch": epoch, "epochs": epochs, "stage_end": last,
                     "seconds": time.perf_counter() - start, **numbers}
             if evaluate and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 info["test_top1"] = self._quick_accuracy(self.network, phase)
-            _set_postfix(bar, info)
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(info)
+            self.hooks.epoch_end(info)
         if epochs == 0:
             finish()
 
-    def _epoch(self, network, loader, step: Callable, *, prefix: str) -> dict:
-        """One pass of ``step(model, images, labels) -> dict`` over ``loader`` in train mode; mean numbers."""
+    def _epoch(self, network, dataset, step: Callable, *, prefix: str, batch_size: Union[int, None] = None) -> dict:
+        """One shuffled pass of ``step(model, images, labels) -> dict`` over ``dataset`` in train mode; mean
+        numbers.
+
+        Resumable at any batch: ``partial_epoch`` holds the loader generator's state from before this epoch drew
+        its order, the batches done and the running sums, so a run checkpointed after batch k redraws the same
+        order and goes on at batch k + 1. A step that returns ``skipped`` (a non-finite loss skipped) counts no
+        image; with ``on_nonfinite_loss="error"`` a non-finite loss stops the run with :class:`NonFiniteLoss`."""
         rt = self.runtime
+        state = self.partial_epoch
+        if state is None:
+            state = self.partial_epoch = {"generator": self.generator.get_state(), "batches": 0, "totals": {},
+                                          "seen": 0, "skipped": 0}
+        else:
+            self.generator.set_state(state["generator"])
+        loader = self._loader(dataset, batch_size or self.cfg.batch_size, shuffle=True, skip=state["batches"])
+        total = state["batches"] + len(loader)
         model = rt.wrap(network)
         network.train()
-        totals, seen = {}, 0
+        totals = state["totals"]
         for batch in loader:
-            if batch is None:
-                continue
-            images, labels = rt.to_device(batch[0], image=True), rt.to_device(batch[1])
-            out = step(model, images, labels)
-            for key, value in out.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * (1 if key == "correct" else len(labels))
-            seen += len(labels)
-        if not seen:
-            return {}
-        return {prefix + ("acc" if key == "correct" else key): (100.0 if key == "correct" else 1.0) * value / seen
-                for key, value in totals.items()}
+            if batch is not None:
+                images, labels = rt.to_device(batch[0], image=True), rt.to_device(batch[1])
+                try:
+                    out = step(model, images, labels)
+                except NonFiniteLoss as error:
+                    raise NonFiniteLoss(f"{error} at phase {self.phase_index}, stage {self.stage}, epoch "
+                                        f"{self.epoch + 1}, batch {state['batches'] + 1}") from None
+                if out.pop("skipped", False):
+                    state["skipped"] += 1
+                else:
+                    for key, value in out.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * (1 if key == "correct" else len(labels))
+                    state["seen"] += len(labels)
+            state["batches"] += 1
+            self.hooks.batch_end(state["batches"], total)
+        self.partial_epoch = None
+        seen = state["seen"]
+        numbers = {prefix + ("acc" if key == "correct" else key): (100.0 if key == "correct" else 1.0) * value / seen
+                   for key, value in totals.items()} if seen else {}
+        if state["skipped"]:
+            numbers[prefix + "skipped_batches"] = float(state["skipped"])
+        return numbers
 
     # ---------------------------------------------------------------- data and evaluation
-    def _loader(self, dataset, batch_size: int, *, shuffle: bool, shard: bool = True):
+    def _loader(self, dataset, batch_size: int, *, shuffle: bool, shard: bool = True, skip: int = 0):
         return self.runtime.loader(dataset, batch_size, shuffle=shuffle, generator=self.generator,
-                                   collate_fn=collate_skip_bad, workers=self.cfg.workers, shard=shard)
+                                   collate_fn=collate_skip_bad, workers=self.cfg.workers, shard=shard, skip=skip)
 
     def _test_loader(self, phase):
         test = self.stream.source.test
@@ -225,6 +277,7 @@ class Learner:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "generator": self.generator.get_state(),
+            "partial_epoch": self.partial_epoch,
             "policy": None if self.policy is None else self.policy.state_dict(),
             **self._extra_state(),
         }
@@ -241,6 +294,7 @@ class Learner:
         self.network = self._build_network(state["network"])
         self._load_extra_state(state)
         self.generator.set_state(state["generator"])
+        self.partial_epoch = state.get("partial_epoch")
         phase = self.stream.phases[self.phase_index] if self.phase_index >= 0 else None
         self.optimizers, self.schedulers = {}, {}
         self._make_optimizers(phase)
@@ -283,17 +337,3 @@ def upgrade_state(state: dict, learner: str, *, uses_memory: bool) -> dict:
 
 def _net_state(net) -> Union[dict, None]:
     return None if net is None else {"spec": net.spec(), "state": net.state_dict()}
-
-
-def _progress(iterable, *, enabled: bool, initial: int, total: int, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, initial=initial, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _set_postfix(bar, info: dict) -> None:
-    if hasattr(bar, "set_postfix"):
-        keys = ("train_loss", "train_acc", "meta_outer", "student_loss", "test_top1")
-        bar.set_postfix({k: f"{info[k]:.3f}" for k in keys if k in info and isinstance(info[k], float)})

@@ -38,9 +38,6 @@ class Finetune(Learner):
         self.stage, self.epoch = "train", 0
         self._make_optimizers(phase)
 
-    def _epochs(self, phase) -> int:
-        return self.cfg.init_epochs if phase.index == 0 else self.cfg.incre_epochs
-
     def _make_optimizers(self, phase) -> None:
         cfg = self.cfg
         self.optimizers, self.schedulers = {}, {}
@@ -63,9 +60,9 @@ class Finetune(Learner):
             dataset = PhaseDataset(self.stream.source.train, self.stream.train_indices(self._classes(phase)),
                                    self.transforms["train"], self.stream.label_map)
             step = lambda model, x, y: train_step(model, x, y, optimizer=self.optimizers["theta"],  # noqa: E731
-                                                  loss_fn=_cross_entropy, autocast=rt.autocast)
-            stats = self._epoch(self.network, self._loader(dataset, cfg.batch_size, shuffle=True), step,
-                                prefix="train_")
+                                                  loss_fn=_cross_entropy, autocast=rt.autocast,
+                                                  nonfinite=cfg.on_nonfinite_loss)
+            stats = self._epoch(self.network, dataset, step, prefix="train_")
             self.schedulers["theta"].step()
             return stats
 

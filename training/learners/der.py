@@ -62,9 +62,6 @@ class DER(Learner):
         self._make_optimizers(phase)
         self.policy.begin_phase(phase, self.network, self._phi_scheduler(phase))
 
-    def _epochs(self, phase) -> int:
-        return self.cfg.init_epochs if phase.index == 0 else self.cfg.incre_epochs
-
     def _theta_schedule(self, optimizer, phase):
         cfg = self.cfg
         kind = "multistep" if cfg.lr_schedule == "auto" else cfg.lr_schedule
@@ -92,11 +89,10 @@ class DER(Learner):
 
         def epoch_fn(epoch):
             refreshed = policy.before_epoch(phase, self.network, epoch, epochs)
-            loader = self._loader(policy.train_dataset(phase, self.transforms["train"]), cfg.batch_size,
-                                  shuffle=True)
             step = lambda model, x, y: train_step(model, x, y, optimizer=self.optimizers["theta"],  # noqa: E731
-                                                  loss_fn=loss, autocast=rt.autocast)
-            stats = self._epoch(self.network, loader, step, prefix="train_")
+                                                  loss_fn=loss, autocast=rt.autocast, nonfinite=cfg.on_nonfinite_loss)
+            stats = self._epoch(self.network, policy.train_dataset(phase, self.transforms["train"]), step,
+                                prefix="train_")
             inner = InnerStep(loss=lambda out, y: loss(out, y)[0], lr=self.schedulers["theta"].get_last_lr()[0],
                               max_grad_norm=None, reg_coef=0.0)
             stats.update(policy.after_epoch(phase, self.network, inner))

@@ -29,7 +29,7 @@ from ..models import FosterNet, split_parameters
 from ..optim import theta_optimizer
 from ..policy import InnerStep
 from .base import Learner
-from .steps import train_step
+from .steps import finite_or_skip, train_step
 
 __all__ = ["Foster", "class_balance_weights", "kd_loss", "bkd_loss", "foster_loss", "student_step"]
 
@@ -72,14 +72,17 @@ def foster_loss(outputs: dict, labels: torch.Tensor, *, class_weights: Union[tor
 
 # ------------------------------------------------------------------------------------------------------ steps
 def student_step(student, teacher, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
-                 class_weights: torch.Tensor, T: float, autocast=None) -> dict:
-    """One step of FOSTER's compression stage: balanced KD of the student towards the (frozen) teacher."""
+                 class_weights: torch.Tensor, T: float, autocast=None, nonfinite: str = "error") -> dict:
+    """One step of FOSTER's compression stage: balanced KD of the student towards the (frozen) teacher
+    (``nonfinite`` as in :func:`~training.learners.steps.train_step`)."""
     autocast = autocast or contextlib.nullcontext
     with torch.no_grad(), autocast():
         teacher_logits = upcast(teacher(images)["logits"])
     with autocast():
         logits = upcast(student(images)["logits"])
         loss = bkd_loss(logits, teacher_logits, class_weights, T)
+    if not finite_or_skip(loss, nonfinite):
+        return {"loss": loss.detach(), "skipped": True}
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -111,8 +114,8 @@ class Foster(Learner):
         self._make_optimizers(phase)
         self.policy.begin_phase(phase, self.network, self._phi_scheduler(phase))
 
-    def _epochs(self, phase) -> int:
-        return self.cfg.init_epochs if phase.index == 0 else self.cfg.incre_epochs
+    def epochs_in(self, phase) -> int:
+        return self._epochs(phase) + (self.cfg.compression_epochs if phase.index > 0 else 0)
 
     def _phi_scheduler(self, phase) -> Callable:
         return lambda optimizer: self._schedule(optimizer, kind="cosine", epochs=self._epochs(phase))
@@ -158,11 +161,11 @@ class Foster(Learner):
 
         def epoch_fn(epoch):
             refreshed = policy.before_epoch(phase, self.network, epoch, epochs)
-            loader = self._loader(policy.train_dataset(phase, self.transforms["train"]), cfg.batch_size,
-                                  shuffle=True)
             step = lambda model, x, y: train_step(model, x, y, optimizer=self.optimizers["theta"],  # noqa: E731
-                                                  loss_fn=self._loss, autocast=rt.autocast)
-            stats = self._epoch(self.network, loader, step, prefix="train_")
+                                                  loss_fn=self._loss, autocast=rt.autocast,
+                                                  nonfinite=cfg.on_nonfinite_loss)
+            stats = self._epoch(self.network, policy.train_dataset(phase, self.transforms["train"]), step,
+                                prefix="train_")
             inner = InnerStep(loss=lambda out, y: self._loss(out, y)[0],
                               lr=self.schedulers["theta"].get_last_lr()[0] * cfg.lr_ratio,
                               max_grad_norm=cfg.max_phi_grad_norm * clip_scale(phase.index > 0),
@@ -195,13 +198,12 @@ class Foster(Learner):
         cfg, rt = self.cfg, self.runtime
 
         def epoch_fn(epoch):
-            loader = self._loader(self.policy.train_dataset(phase, self.transforms["train"]), cfg.batch_size,
-                                  shuffle=True)
             self.network.eval()
             step = lambda model, x, y: student_step(  # noqa: E731
                 model, self.network, x, y, optimizer=self.optimizers["student"], class_weights=self.class_weights,
-                T=cfg.T, autocast=rt.autocast)
-            stats = self._epoch(self.student_net, loader, step, prefix="student_")
+                T=cfg.T, autocast=rt.autocast, nonfinite=cfg.on_nonfinite_loss)
+            stats = self._epoch(self.student_net, self.policy.train_dataset(phase, self.transforms["train"]), step,
+                                prefix="student_")
             self.schedulers["student"].step()
             return stats
 

@@ -66,6 +66,7 @@ class PhiLearner:
         cfg, rt = self.cfg, self.runtime
         iters = meta_iterations(cfg, phase.new_classes)
         totals: dict = {}
+        skipped = 0
         if iters:
             batches = cim_lib.meta_batches(self.loader(dataset(), cfg.meta_batch_size, shuffle=True, shard=False))
             to = lambda b: (rt.to_device(b[0], image=True), rt.to_device(b[1]))  # noqa: E731
@@ -75,11 +76,17 @@ class PhiLearner:
                                         inner_lr=inner.lr, compress_ratio=cfg.compress_ratio, div_coef=cfg.div_coef,
                                         reg_coef=inner.reg_coef, max_grad_norm=inner.max_grad_norm,
                                         inner_loss=inner.loss, autocast=rt.autocast, meta_gradient=cfg.meta_gradient)
+                if float(out.pop("skipped")):
+                    skipped += 1  # a non-finite step, not applied: left out of the means, counted
+                    continue
                 for key, value in out.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
             rt.broadcast_tensors(split_parameters(network)[1].values())
         self.scheduler.step()
-        return {f"meta_{key}": value / iters for key, value in totals.items()}
+        numbers = {f"meta_{key}": value / (iters - skipped) for key, value in totals.items()}
+        if skipped:
+            numbers["meta_skipped"] = float(skipped)
+        return numbers
 
     def state_dict(self) -> Union[dict, None]:
         if not self.active:

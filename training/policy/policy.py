@@ -36,6 +36,14 @@ def memory_mode(compression: str) -> str:
     return {"none": "none", "downsample": "downsample", "cam": "cam", "cim": "cam", "gt": "cam"}[compression]
 
 
+def _quality_text(quality: dict) -> str:
+    text = f"area {quality['box_area']:.3f}"
+    if "box_iou" in quality:
+        text += (f", IoU with the true boxes {quality['box_iou']:.3f} (whole image {quality['box_iou_whole_image']:.3f}, "
+                 f"centre prior {quality['box_iou_centre_prior']:.3f})")
+    return text
+
+
 class _Transformed(Dataset):
     """Items (image, label, index) of a dataset of uint8 images, with ``transform`` applied to the image."""
 
@@ -60,14 +68,16 @@ class CIMPolicy:
         loader: ``loader(dataset, batch_size, *, shuffle, shard=True)``, the learner's seeded loaders.
         memory_dir: directory of the exemplar store (encoded exemplars on disk, ``cfg.memory_codec``); None keeps
             the exemplars' pixels in RAM.
+        status: ``status(text)`` for one-line reports (box refresh, memory update).
     """
 
     def __init__(self, *, cfg, stream, runtime, transforms: dict, loader: Callable,
-                 memory_dir: Union[str, None] = None):
+                 memory_dir: Union[str, None] = None, status: Callable[[str], None] = lambda text: None):
         check_box_sources(cfg, stream.source)
         self.cfg, self.stream, self.runtime = cfg, stream, runtime
         self.transforms = transforms
         self.loader = loader
+        self.status = status
         store = None if memory_dir is None else ExemplarStore(memory_dir, codec=cfg.memory_codec,
                                                               quality=cfg.memory_quality, writer=runtime.is_main)
         self.memory = ExemplarMemory(ratio=cfg.compress_ratio, mode=memory_mode(cfg.compression), store=store)
@@ -77,6 +87,7 @@ class CIMPolicy:
         self.boxes: Union[cim_lib.BoxTable, None] = None  # cim: the latest in-phase boxes (augmentation)
         self.aug_prob = 0.0
         self.phase_log: dict = {}
+        self.refreshed: Union[dict, None] = None  # the last refresh: phase, epoch, quality (asked again on resume)
         self._memory_view = None
 
     @property
@@ -97,14 +108,20 @@ class CIMPolicy:
             self.phi.begin(phase, network, phi_scheduler)
 
     def before_epoch(self, phase, network, epoch: int, epochs: int) -> dict:
-        """With ``cim``: refresh the boxes when due (quality of the new boxes returned, and logged)."""
+        """With ``cim``: refresh the boxes when due (quality of the new boxes returned, and logged). Asked again for
+        the same epoch (a run resumed inside it) it returns that refresh's quality and changes nothing."""
         cfg = self.cfg
         if not (self.learns_phi and cim_lib.refresh_due(epoch, epochs, cfg.cam_update_interval)):
             return {}
+        if self.refreshed is not None and (self.refreshed["phase"], self.refreshed["epoch"]) == (phase.index, epoch):
+            return dict(self.refreshed["quality"])
         self.boxes = self.finder.cam_boxes(network, phase, "rational")
         self.aug_prob = min(1.0, (epoch // cfg.cam_update_interval) * cfg.randombbxblur_prob_incre)
         refreshed = self.finder.quality(self.boxes)
         self.phase_log.setdefault("box_refreshes", []).append({"epoch": epoch, **refreshed})
+        self.refreshed = {"phase": phase.index, "epoch": epoch, "quality": refreshed}
+        self.status(f"phase {phase.index} epoch {epoch + 1}: boxes refreshed on the rational branch "
+                    f"({_quality_text(refreshed)}); box-compression augmentation p = {self.aug_prob:g}")
         return refreshed
 
     def train_dataset(self, phase, transform):
@@ -133,13 +150,20 @@ class CIMPolicy:
 
     def end_phase(self, phase, network) -> None:
         """Update the memory with ``network`` (its boxes and ReLU-branch features)."""
+        self.status(f"phase {phase.index}: memory update ({self.cfg.compression} exemplars of "
+                    f"{len(phase.classes)} new classes)")
         table = self.finder.final(network, phase)
+        if self.finder.calibration is not None and phase.index == 0:
+            self.status(f"phase 0: calibrated threshold {self.finder.calibration['threshold']:g} (box IoU "
+                        f"{self.finder.calibration['iou'][self.finder.calibration['threshold']]:.3f} on "
+                        f"{self.finder.calibration['images']} held-out images)")
         if table is not None and self.cfg.compression in ("cam", "cim", "gt"):
             quality = self.finder.quality(table)
             self.phase_log["boxes_area"] = quality["box_area"]
             for key in ("box_iou", "box_iou_whole_image", "box_iou_centre_prior"):
                 if key in quality:
                     self.phase_log[key] = quality[key]
+            self.status(f"phase {phase.index}: boxes of the new-class images ({_quality_text(quality)})")
         update_memory(self.memory, network, phase, table, cfg=self.cfg, stream=self.stream, runtime=self.runtime,
                       transform=self.transforms["test"], loader=self.loader, exemplar_cams=self.exemplar_cams)
 
@@ -174,6 +198,7 @@ class CIMPolicy:
             "aug_prob": self.aug_prob,
             "phase_log": dict(self.phase_log),
             "calibration": self.calibration,
+            "refreshed": self.refreshed,
             "phi": self.phi.state_dict(),
         }
 
@@ -186,5 +211,6 @@ class CIMPolicy:
         self.aug_prob = state["aug_prob"]
         self.phase_log = dict(state["phase_log"])
         self.finder.calibration = state.get("calibration")
+        self.refreshed = state.get("refreshed")
         self._memory_view = None
         self.phi.load_state_dict(state.get("phi"), phase, network, phi_scheduler)
