@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -22,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import write_bytes
 
 __all__ = ["CODECS", "PartRef", "ExemplarStore"]
 
@@ -99,16 +100,7 @@ class ExemplarStore:
             refs.append(None if blob is None else PartRef(shard, offset, len(blob)))
             offset += len(blob or b"")
         if self.writer and not os.path.exists(self.path(shard)):
-            os.makedirs(self.directory, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-            try:
-                with os.fdopen(handle, "wb") as out:
-                    out.write(payload)
-                os.replace(tmp, self.path(shard))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            write_bytes(self.path(shard), payload)
         return refs
 
     def path(self, shard: str) -> str:
