@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         nargs="+", help="override a config key (repeatable), e.g. --set init_epochs=5 threshold=otsu")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    parser.add_argument("--repair-memory", action="store_true", help="with --resume: check the exemplar store's "
+                        "shards and rebuild damaged classes from the training images")
     return parser
 
 
