@@ -24,6 +24,8 @@ from typing import Any, Literal, Union
 
 import torch
 
+from .messages import listing, nearest_first, suggestion
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -202,7 +204,9 @@ def config_path(path_or_name: str) -> str:
     candidate = os.path.join(CONFIG_DIR, f"{path_or_name}.json")
     if os.path.isfile(candidate):
         return candidate
-    raise ConfigError(f"config {path_or_name!r}: no such file, and not a bundled config (one of {config_names()})")
+    hint = suggestion(path_or_name, config_names())
+    raise ConfigError(f"config {path_or_name!r}: no such file, and not a bundled config (one of "
+                      f"{', '.join(config_names())}){'; ' + hint if hint else ''}")
 
 
 def load_config(path_or_name: Union[str, None] = None, overrides: Union[list, tuple] = ()) -> Config:
@@ -255,8 +259,7 @@ def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
         return
     given, key = key, ALIASES.get(key, key)
     if key not in types:
-        valid = sorted(list(types) + list(ALIASES) + list(_IGNORED))
-        raise ConfigError(f"unknown config key {key!r} ({source}); valid keys: {', '.join(valid)}")
+        raise ConfigError(_unknown_key(key, source))
     if key == "seed" and isinstance(value, list):
         if len(value) != 1:
             raise ConfigError(f"seed ({source}): one seed per run, got the list {value!r}; run one config per seed")
@@ -268,8 +271,23 @@ def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
     name = key if given == key else f"{given} (alias of {key})"
     value = _convert(name, value, types[key])
     if key == "learner" and value not in LEARNER_NAMES:
-        raise ConfigError(f"{name}: expected one of {', '.join(repr(n) for n in LEARNER_NAMES)}, got {value!r}")
+        raise ConfigError(_not_one_of(name, LEARNER_NAMES, value))
     setattr(cfg, key, value)
+
+
+def _unknown_key(key: str, source: str) -> str:
+    """The message for an unknown key: the closest valid key, and the valid keys nearest first (a bounded list)."""
+    valid = sorted(list(_field_types()) + list(ALIASES) + list(_IGNORED))
+    dotted = [f"data_options.{key.split('.', 1)[1]}"] if "." in key else []  # data_option.x, data_opts.x, ...
+    hint = suggestion(key, valid + dotted)
+    keys = f"{hint} Valid keys" if hint else "valid keys"
+    return f"unknown config key {key!r} ({source}); {keys}, nearest first: {listing(nearest_first(key, valid), 8)}"
+
+
+def _not_one_of(key: str, choices, value) -> str:
+    """``key: expected one of 'a', 'b', got 'x'``, with the closest choice when ``value`` is a near miss."""
+    hint = suggestion(value.strip() if isinstance(value, str) else value, choices)
+    return f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{'; ' + hint if hint else ''}"
 
 
 def _loose(value: Any) -> Any:
@@ -311,13 +329,15 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 return _convert(key, value, arg)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        words = [c for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        hint = suggestion(value.strip(), words) if isinstance(value, str) else ""
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{'; ' + hint if hint else ''}")
     if origin is Literal:
         choices = typing.get_args(tp)
         text = value.strip() if isinstance(value, str) else value
         if text in choices:
             return text
-        raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        raise ConfigError(_not_one_of(key, choices, value))
     if tp is bool:
         if isinstance(value, bool):
             return value
