@@ -264,8 +264,8 @@ def test_a_wrong_imagenet100_tree_names_a_few_missing_classes_and_the_count(tmp_
 
 
 def test_near_miss_options_and_classes_get_a_suggestion():
-    with pytest.raises(TypeError, match=r"synthetic: unknown option\(s\) num_class; did you mean 'num_classes'\? "
-                                        r"Valid: num_classes, image_size"):
+    with pytest.raises(TypeError, match=r"synthetic: unknown option\(s\) num_class; valid: num_classes, image_size, "
+                                        r".*, tiles; did you mean 'num_classes'\?$"):
         load_source("synthetic", num_class=3)
     with pytest.raises(ValueError, match=r"no class 'glpyh03' in this source \(its classes: glyph00, glyph01, "
                                          r"glyph02, glyph03, glyph04 \.\.\. \(20 in all\)\); did you mean "

@@ -280,8 +280,8 @@ def _unknown_key(key: str, source: str) -> str:
     valid = sorted(list(_field_types()) + list(ALIASES) + list(_IGNORED))
     dotted = [f"data_options.{key.split('.', 1)[1]}"] if "." in key else []  # data_option.x, data_opts.x, ...
     hint = suggestion(key, valid + dotted)
-    keys = f"{hint} Valid keys" if hint else "valid keys"
-    return f"unknown config key {key!r} ({source}); {keys}, nearest first: {listing(nearest_first(key, valid), 8)}"
+    return (f"unknown config key {key!r} ({source}); valid keys, nearest first: "
+            f"{listing(nearest_first(key, valid), 8)}{'; ' + hint if hint else ''}")
 
 
 def _not_one_of(key: str, choices, value) -> str:

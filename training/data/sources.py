@@ -488,8 +488,8 @@ def _check_options(name, options, allowed):
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         hint = suggestion(unknown[0], allowed)
-        valid = f"{hint} Valid" if hint else "valid"
-        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; {valid}: {', '.join(allowed) or 'none'}")
+        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(allowed) or 'none'}"
+                        f"{'; ' + hint if hint else ''}")
 
 
 def _load_synthetic(root, seed, on_bad_image, options):
