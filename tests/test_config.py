@@ -124,13 +124,13 @@ def test_far_values_and_names_get_no_suggestion_but_near_config_names_do():
 
 
 def test_message_pieces():
-    from training.messages import listing, nearest_first, suggestion
+    from training.messages import did_you_mean, listing, nearest_first
 
     assert listing(["a", "b"]) == "a, b" and listing([]) == ""
     assert listing(range(100)) == "0, 1, 2, 3, 4 ... (100 in all)"
     assert listing(["x"] * 6, 6, quote=True) == ", ".join(["'x'"] * 6)
-    assert suggestion("GPU", ["cpu", "gpu"]) == "did you mean 'gpu'?" and suggestion(3, ["3"]) == ""
-    assert suggestion("xyz", ["cpu"]) == ""
+    assert did_you_mean("GPU", ["cpu", "gpu"]) == "; did you mean 'gpu'?" and did_you_mean(3, ["3"]) == ""
+    assert did_you_mean("xyz", ["cpu"]) == ""
     assert nearest_first("lr", ["momentum", "lr_ratio", "lr"]) == ["lr", "lr_ratio", "momentum"]
 
 

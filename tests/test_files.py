@@ -24,8 +24,8 @@ def umask():
 
 def _modes(directory):
     """{path relative to ``directory``: permission bits} of every file under it."""
-    return {os.path.relpath(os.path.join(root, name), directory): stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
-            for root, _, names in os.walk(directory) for name in names}
+    paths = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return {os.path.relpath(path, directory): stat.S_IMODE(os.stat(path).st_mode) for path in paths}
 
 
 def _ablation_outputs(directory):

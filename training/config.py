@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 import torch
 
-from .messages import listing, nearest_first, suggestion
+from .messages import did_you_mean, listing, nearest_first
 
 __all__ = [
     "Config",
@@ -204,9 +204,8 @@ def config_path(path_or_name: str) -> str:
     candidate = os.path.join(CONFIG_DIR, f"{path_or_name}.json")
     if os.path.isfile(candidate):
         return candidate
-    hint = suggestion(path_or_name, config_names())
     raise ConfigError(f"config {path_or_name!r}: no such file, and not a bundled config (one of "
-                      f"{', '.join(config_names())}){'; ' + hint if hint else ''}")
+                      f"{', '.join(config_names())}){did_you_mean(path_or_name, config_names())}")
 
 
 def load_config(path_or_name: Union[str, None] = None, overrides: Union[list, tuple] = ()) -> Config:
@@ -279,15 +278,14 @@ def _unknown_key(key: str, source: str) -> str:
     """The message for an unknown key: the closest valid key, and the valid keys nearest first (a bounded list)."""
     valid = sorted(list(_field_types()) + list(ALIASES) + list(_IGNORED))
     dotted = [f"data_options.{key.split('.', 1)[1]}"] if "." in key else []  # data_option.x, data_opts.x, ...
-    hint = suggestion(key, valid + dotted)
     return (f"unknown config key {key!r} ({source}); valid keys, nearest first: "
-            f"{listing(nearest_first(key, valid), 8)}{'; ' + hint if hint else ''}")
+            f"{listing(nearest_first(key, valid), 8)}{did_you_mean(key, valid + dotted)}")
 
 
 def _not_one_of(key: str, choices, value) -> str:
     """``key: expected one of 'a', 'b', got 'x'``, with the closest choice when ``value`` is a near miss."""
-    hint = suggestion(value.strip() if isinstance(value, str) else value, choices)
-    return f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{'; ' + hint if hint else ''}"
+    hint = did_you_mean(value.strip() if isinstance(value, str) else value, choices)
+    return f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}"
 
 
 def _loose(value: Any) -> Any:
@@ -330,8 +328,8 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         words = [c for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
-        hint = suggestion(value.strip(), words) if isinstance(value, str) else ""
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{'; ' + hint if hint else ''}")
+        hint = did_you_mean(value.strip(), words) if isinstance(value, str) else ""
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{hint}")
     if origin is Literal:
         choices = typing.get_args(tp)
         text = value.strip() if isinstance(value, str) else value

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
-__all__ = ["listing", "suggestion", "nearest_first"]
+__all__ = ["listing", "did_you_mean", "nearest_first"]
 
 
 def listing(items: Iterable, limit: int = 5, *, quote: bool = False) -> str:
@@ -16,15 +16,16 @@ def listing(items: Iterable, limit: int = 5, *, quote: bool = False) -> str:
     return ", ".join(items[:limit]) + f" ... ({len(items)} in all)"
 
 
-def suggestion(word, choices: Iterable) -> str:
-    """``"did you mean 'x'?"`` for the choice closest to ``word`` (difflib, similarity >= 0.6), else ``""``."""
+def did_you_mean(word, choices: Iterable) -> str:
+    """``"; did you mean 'x'?"`` for the choice closest to ``word`` (difflib, similarity >= 0.6), to end a message
+    with; ``""`` when no choice is close."""
     if not isinstance(word, str):
         return ""
     choices = [str(choice) for choice in choices]
     matches = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if not matches:  # a case slip of a short word (``GPU``) can fall under the cutoff
         matches = [choice for choice in choices if choice.lower() == word.lower()][:1]
-    return f"did you mean {matches[0]!r}?" if matches else ""
+    return f"; did you mean {matches[0]!r}?" if matches else ""
 
 
 def nearest_first(word, choices: Iterable) -> list:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..messages import listing, suggestion
+from ..messages import did_you_mean, listing
 
 __all__ = ["CLASS_RULES", "select_classes", "class_keys", "mean_box_areas", "subset_imageset"]
 
@@ -104,9 +104,8 @@ def _explicit(name: str, source, entries: Sequence) -> list[int]:
         elif entry in position:
             chosen.append(position[entry])
         else:
-            hint = suggestion(entry, keys)
             raise ValueError(f"{name}: data_options.classes: no class {entry!r} in this source (its classes: "
-                             f"{listing(keys)}){'; ' + hint if hint else ''}")
+                             f"{listing(keys)}){did_you_mean(entry, keys)}")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"{name}: data_options.classes: a class is listed twice")
     return sorted(chosen)

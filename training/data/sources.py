@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from ..messages import listing, suggestion
+from ..messages import did_you_mean, listing
 from .boxes import ObjectBoxes, imagenet_boxes, inclusive_box
 from .classes import CLASS_RULES, select_classes
 from .synthetic import SyntheticSpec, generate
@@ -487,9 +487,8 @@ _PER_CLASS_OPTIONS = ("train_per_class", "heldout_per_class")
 def _check_options(name, options, allowed):
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        hint = suggestion(unknown[0], allowed)
         raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(allowed) or 'none'}"
-                        f"{'; ' + hint if hint else ''}")
+                        f"{did_you_mean(unknown[0], allowed)}")
 
 
 def _load_synthetic(root, seed, on_bad_image, options):
@@ -589,8 +588,7 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
         message names the expected layout. TypeError: unknown option.
     """
     if name not in SOURCES:
-        hint = suggestion(name, SOURCES)
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}{'; ' + hint if hint else ''}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}{did_you_mean(name, SOURCES)}")
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
     classes = options.pop("classes", None)
