@@ -1,6 +1,7 @@
 """The exemplar store's checksums and training.memory_repair: damaged shards are named on read, and rebuilt from the
 training images into exemplars equal to the originals."""
 import os
+import re
 
 import pytest
 import torch
@@ -184,8 +185,28 @@ def test_states_from_before_the_checksums_load_and_are_checked_for_length(tmp_pa
     _assert_same(fresh, snapshot)
 
 
-def test_the_store_error_is_a_one_line_error_of_the_command_line():
-    from training.run import _is_user_error, build_parser
+def test_a_resume_on_a_damaged_store_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    from test_run import TINY
+    from training.run import build_parser, main
 
-    assert _is_user_error(ExemplarStoreError("x"))
+    out = str(tmp_path / "run")
+    sets = [item for s in TINY + ["compression=cam", "threshold=otsu"] for item in ("--set", s)]
+    monkeypatch.setenv("CIM_TRAINING_STOP_AFTER_CHECKPOINTS", "2")  # killed in phase 1, after phase 0's memory
+    with pytest.raises(SystemExit):
+        main(["--out", out] + sets)
+    monkeypatch.delenv("CIM_TRAINING_STOP_AFTER_CHECKPOINTS")
+    for name in os.listdir(os.path.join(out, "memory")):
+        path = os.path.join(out, "memory", name)
+        with open(path, "rb") as handle:
+            data = bytearray(handle.read())
+        data[len(data) // 2] ^= 0x01
+        with open(path, "wb") as handle:
+            handle.write(bytes(data))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", out, "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert re.fullmatch(r"error: exemplar store: class \d+: shard .*\.bin is corrupt \(.*\); rebuild it from the "
+                        r"training images with .*--repair-memory.*", err), err
     assert build_parser().parse_args(["--resume", "--repair-memory"]).repair_memory
