@@ -66,7 +66,7 @@ def test_overrides_convert_types():
 
 
 @pytest.mark.parametrize("override, words", [
-    ("no_such_key=1", ["unknown config key 'no_such_key'", "init_cls", "compression"]),
+    ("no_such_key=1", ["unknown config key 'no_such_key'", "valid keys, nearest first:", "in all)"]),
     ("compression=jpeg", ["compression", "'none'", "'downsample'", "'cam'", "'cim'"]),
     ("backbone=vgg", ["backbone", "'resnet18'", "'resnet32'"]),
     ("theta_optimizer=adam", ["theta_optimizer", "'sgd'", "'adamw'"]),
@@ -84,6 +84,55 @@ def test_bad_overrides_are_rejected_with_choices(override, words):
         load_config("synthetic", [override])
     for word in words:
         assert word in str(info.value)
+
+
+def test_near_miss_keys_get_a_suggestion_and_a_bounded_list():
+    from training.config import ALIASES, _IGNORED, _field_types
+
+    count = len(_field_types()) + len(ALIASES) + len(_IGNORED)
+    with pytest.raises(ConfigError) as info:
+        load_config("synthetic", ["init_epoch=1"])
+    message = str(info.value)
+    assert message.startswith("unknown config key 'init_epoch' (--set); valid keys, nearest first: init_epochs, "
+                              "incre_epochs, ")
+    assert message.endswith(f" ... ({count} in all); did you mean 'init_epochs'?") and len(message) < 300
+    assert message.split("nearest first: ")[1].count(", ") == 7
+    with pytest.raises(ConfigError, match=r"did you mean 'data_options\.num_classes'\?"):
+        load_config("synthetic", ["data_option.num_classes=3"])
+    with pytest.raises(ConfigError) as info:
+        load_config("synthetic", ["zzzz=1"])
+    assert "did you mean" not in str(info.value) and "valid keys, nearest first: " in str(info.value)
+
+
+@pytest.mark.parametrize("override, close", [
+    ("threshold=otsuu", "otsu"), ("compression=CIM", "cim"), ("theta_optimizer=adam", "adamw"),
+    ("learner=fostr", "foster"), ("dataset=tinyimagnet", "tinyimagenet"), ("backbone=resnet-18", "resnet18"),
+    ("meta_gradient=first-order", "first_order"),
+])
+def test_near_miss_values_get_a_suggestion(override, close):
+    with pytest.raises(ConfigError) as info:
+        load_config("synthetic", [override])
+    assert str(info.value).endswith(f", got {override.split('=')[1]!r}; did you mean {close!r}?")
+
+
+def test_far_values_and_names_get_no_suggestion_but_near_config_names_do():
+    with pytest.raises(ConfigError) as info:
+        load_config("synthetic", ["threshold=high"])
+    assert "did you mean" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"not a bundled config \(one of food101, .*\); did you mean "
+                                          r"'tinyimagenet'\?"):
+        load_config("tinyimagnet")
+
+
+def test_message_pieces():
+    from training.messages import did_you_mean, listing, nearest_first
+
+    assert listing(["a", "b"]) == "a, b" and listing([]) == ""
+    assert listing(range(100)) == "0, 1, 2, 3, 4 ... (100 in all)"
+    assert listing(["x"] * 6, 6, quote=True) == ", ".join(["'x'"] * 6)
+    assert did_you_mean("GPU", ["cpu", "gpu"]) == "; did you mean 'gpu'?" and did_you_mean(3, ["3"]) == ""
+    assert did_you_mean("xyz", ["cpu"]) == ""
+    assert nearest_first("lr", ["momentum", "lr_ratio", "lr"]) == ["lr", "lr_ratio", "momentum"]
 
 
 def test_original_json_loads_unchanged(tmp_path):

@@ -208,7 +208,7 @@ def test_torchvision_imagenet_root(tmp_path):
 def test_bad_roots_name_the_layout(tmp_path):
     with pytest.raises(DataRootError, match="needs a data root"):
         load_source("imagenet1000")
-    with pytest.raises(DataRootError, match=r"not a directory\. Expected either the ImageFolder layout "
+    with pytest.raises(DataRootError, match=r"it does not exist\. Expected either the ImageFolder layout "
                                             r"<root>/train/<wnid>/\*\.JPEG"):
         load_source("imagenet1000", tmp_path / "missing")
     (tmp_path / "train").mkdir()
@@ -225,6 +225,54 @@ def test_bad_roots_name_the_layout(tmp_path):
         load_source("food101", tmp_path)
     with pytest.raises(TypeError, match="unknown option"):
         load_source("imagenet1000", tmp_path, num_classes=3)
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "tinyimagenet", "imagenet1000", "imagenet100", "food101"])
+def test_a_missing_root_and_a_file_root_are_told_apart(tmp_path, name):
+    with pytest.raises(DataRootError, match=r"cannot use data root '.*missing': it does not exist\. Expected"):
+        load_source(name, tmp_path / "missing")
+    (tmp_path / "file").write_text("not a tree")
+    with pytest.raises(DataRootError, match=r"cannot use data root '.*file': it is not a directory\. Expected"):
+        load_source(name, tmp_path / "file")
+
+
+def test_parts_of_a_layout_that_are_missing_or_of_the_wrong_kind(tmp_path):
+    (tmp_path / "train").write_text("")
+    with pytest.raises(DataRootError, match=r"train is not a directory\. Expected"):
+        load_source("imagefolder", tmp_path)
+    imagenet_tree(tmp_path / "tree", ["cat"])
+    (tmp_path / "tree" / "val" / "cat" / "ILSVRC2012_val_000000.JPEG").unlink()
+    (tmp_path / "tree" / "val" / "cat").rmdir()
+    with pytest.raises(DataRootError, match=r"val has no class folders and .*test does not exist\. Expected"):
+        load_source("imagefolder", tmp_path / "tree")
+    food = food101_tree(tmp_path / "food")
+    (food / "meta" / "train.txt").unlink()
+    (food / "meta" / "train.txt").mkdir()
+    with pytest.raises(DataRootError, match=r"train\.txt is a directory, not a file\. Expected"):
+        load_source("food101", food)
+
+
+def test_a_wrong_imagenet100_tree_names_a_few_missing_classes_and_the_count(tmp_path):
+    imagenet_tree(tmp_path, WNIDS)  # ImageNet classes, none of them in ImageNet-100
+    with pytest.raises(DataRootError) as info:
+        load_source("imagenet100", tmp_path)
+    message = str(info.value)
+    wnids = imagenet100_wnids()
+    assert f"100 of the 100 classes have no image files (extensions .jpg" in message
+    assert f"{', '.join(wnids[:5])} ... (100 in all). Expected" in message
+    assert len(re.findall(r"n\d{8}", message)) == 5 and len(message) < 700 and "\n" not in message
+
+
+def test_near_miss_options_and_classes_get_a_suggestion():
+    with pytest.raises(TypeError, match=r"synthetic: unknown option\(s\) num_class; valid: num_classes, image_size, "
+                                        r".*, tiles; did you mean 'num_classes'\?$"):
+        load_source("synthetic", num_class=3)
+    with pytest.raises(ValueError, match=r"no class 'glpyh03' in this source \(its classes: glyph00, glyph01, "
+                                         r"glyph02, glyph03, glyph04 \.\.\. \(20 in all\)\); did you mean "
+                                         r"'glyph03'\?$"):
+        load_source("synthetic", classes=["glpyh03"], **SMALL)
+    with pytest.raises(ValueError, match=r"unknown dataset 'tinyimagnet'; .*; did you mean 'tinyimagenet'\?"):
+        load_source("tinyimagnet")
 
 
 def test_imagefolder_empty_class_and_extra_val_class(tmp_path):

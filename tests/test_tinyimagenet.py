@@ -58,6 +58,7 @@ def test_source_keeps_the_first_train_per_class_images(tmp_path):
 
 @pytest.mark.parametrize("damage, words", [
     (lambda root: (root / "wnids.txt").unlink(), "wnids.txt does not exist"),
+    (lambda root: ((root / "wnids.txt").unlink(), (root / "wnids.txt").mkdir()), "wnids.txt is a directory, not a file"),
     (lambda root: (root / "val" / "val_annotations.txt").unlink(), "val_annotations.txt does not exist"),
     (lambda root: (root / "train" / "n02" / "n02_boxes.txt").write_text("a.JPEG 1 2 3\n"), "expected 5 fields"),
     (lambda root: (root / "train" / "n02" / "n02_boxes.txt").write_text("a.JPEG 1 2 x 3\n"), "four integer"),
@@ -69,7 +70,7 @@ def test_bad_roots_name_the_problem_and_the_layout(tmp_path, damage, words):
     with pytest.raises(DataRootError, match=words) as info:
         load_source("tinyimagenet", root)
     assert "official Tiny ImageNet layout" in str(info.value)
-    with pytest.raises(DataRootError, match="not a directory"):
+    with pytest.raises(DataRootError, match="it does not exist"):
         load_source("tinyimagenet", tmp_path / "missing")
 
 

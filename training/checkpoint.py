@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -20,31 +21,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file + fsync + os.replace)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - e.g. filesystems without directory fsync
-        pass
+    """Write ``state`` to ``path`` atomically (:func:`training.files.atomic_write`: temporary file + fsync +
+    os.replace, with the umask's permissions)."""
+    atomic_write(path, lambda stream: torch.save(state, stream))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from .messages import did_you_mean, listing, nearest_first
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -200,7 +202,8 @@ def config_path(path_or_name: str) -> str:
     candidate = os.path.join(CONFIG_DIR, f"{path_or_name}.json")
     if os.path.isfile(candidate):
         return candidate
-    raise ConfigError(f"config {path_or_name!r}: no such file, and not a bundled config (one of {config_names()})")
+    raise ConfigError(f"config {path_or_name!r}: no such file, and not a bundled config (one of "
+                      f"{', '.join(config_names())}){did_you_mean(path_or_name, config_names())}")
 
 
 def load_config(path_or_name: Union[str, None] = None, overrides: Union[list, tuple] = ()) -> Config:
@@ -253,8 +256,7 @@ def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
         return
     given, key = key, ALIASES.get(key, key)
     if key not in types:
-        valid = sorted(list(types) + list(ALIASES) + list(_IGNORED))
-        raise ConfigError(f"unknown config key {key!r} ({source}); valid keys: {', '.join(valid)}")
+        raise ConfigError(_unknown_key(key, source))
     if key == "seed" and isinstance(value, list):
         if len(value) != 1:
             raise ConfigError(f"seed ({source}): one seed per run, got the list {value!r}; run one config per seed")
@@ -266,8 +268,22 @@ def _assign(cfg: Config, key: str, value: Any, *, source: str) -> None:
     name = key if given == key else f"{given} (alias of {key})"
     value = _convert(name, value, types[key])
     if key == "learner" and value not in LEARNER_NAMES:
-        raise ConfigError(f"{name}: expected one of {', '.join(repr(n) for n in LEARNER_NAMES)}, got {value!r}")
+        raise ConfigError(_not_one_of(name, LEARNER_NAMES, value))
     setattr(cfg, key, value)
+
+
+def _unknown_key(key: str, source: str) -> str:
+    """The message for an unknown key: the closest valid key, and the valid keys nearest first (a bounded list)."""
+    valid = sorted(list(_field_types()) + list(ALIASES) + list(_IGNORED))
+    dotted = [f"data_options.{key.split('.', 1)[1]}"] if "." in key else []  # data_option.x, data_opts.x, ...
+    return (f"unknown config key {key!r} ({source}); valid keys, nearest first: "
+            f"{listing(nearest_first(key, valid), 8)}{did_you_mean(key, valid + dotted)}")
+
+
+def _not_one_of(key: str, choices, value) -> str:
+    """``key: expected one of 'a', 'b', got 'x'``, with the closest choice when ``value`` is a near miss."""
+    hint = did_you_mean(value.strip() if isinstance(value, str) else value, choices)
+    return f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}"
 
 
 def _loose(value: Any) -> Any:
@@ -309,13 +325,15 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 return _convert(key, value, arg)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        words = [c for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        hint = did_you_mean(value.strip(), words) if isinstance(value, str) else ""
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{hint}")
     if origin is Literal:
         choices = typing.get_args(tp)
         text = value.strip() if isinstance(value, str) else value
         if text in choices:
             return text
-        raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        raise ConfigError(_not_one_of(key, choices, value))
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -435,13 +435,14 @@ class ExemplarMemory:
         return _Stored(index=int(exemplar.index), box=box, size=size, small_size=expected, cost=cost,
                        kept_numel=kept.numel(), crop_numel=crop.numel(), kept=kept, crop=crop.cpu().reshape(-1).clone())
 
-    def _to_store(self, label, records):
-        """Move the pixels of a class's records into the store (one shard), leaving references."""
+    def _to_store(self, label, records, *, replace=False):
+        """Move the pixels of a class's records into the store (one shard, rewritten if ``replace``), leaving
+        references."""
         parts = []
         for record in records:
             y0, y1, x0, x1 = record.box
             parts += [self._unpack_small(record), self._crop_of(record).view(self.channels, y1 - y0, x1 - x0)]
-        refs = self.store.write(f"class{label:05d}", parts)
+        refs = self.store.write(f"class{label:05d}", parts, replace=replace)
         for n, record in enumerate(records):
             record.refs, record.kept, record.crop = (refs[2 * n], refs[2 * n + 1]), None, None
 

@@ -1,7 +1,8 @@
 """The exemplar memory as tensors for checkpoints: one row of metadata per exemplar (label, source index, box, sizes,
-cost) and either the parts' references into the exemplar store (``shards``, ``refs``; no pixels) or, for a memory
-without a store, the packed pixels (``kept``, ``crops``). A state with pixels loaded into a memory with a store moves
-them there; a state with references needs a store with the same codec."""
+cost) and either the parts' references into the exemplar store (``shards``, ``refs``: shard, offset, length and
+crc32 of each part; no pixels) or, for a memory without a store, the packed pixels (``kept``, ``crops``). A state
+with pixels loaded into a memory with a store moves them there; a state with references needs a store with the same
+codec. A reference table from before the checksums (three columns per part) loads with no crc32."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,10 @@ from .exemplar_store import PartRef
 from .memory import _Stored
 
 __all__ = ["memory_state", "load_memory_state"]
+
+_REF_COLUMNS = 4  # shard number, offset, length, crc32 (-1: none)
+_NO_CRC = -1
+_NO_REF = (-1, 0, 0, _NO_CRC)
 
 
 def memory_state(memory) -> dict:
@@ -34,10 +39,10 @@ def memory_state(memory) -> dict:
         return state
     shards = list(dict.fromkeys(ref.shard for _, r in records for ref in r.refs if ref is not None))
     number = {name: n for n, name in enumerate(shards)}
-    rows = [[field for ref in r.refs for field in ((number[ref.shard], ref.offset, ref.length) if ref else
-                                                   (-1, 0, 0))] for _, r in records]
+    rows = [[field for ref in r.refs for field in (_NO_REF if ref is None else (
+        number[ref.shard], ref.offset, ref.length, _NO_CRC if ref.crc32 is None else ref.crc32))] for _, r in records]
     state.update(store={"codec": memory.store.codec, "quality": memory.store.quality}, shards=shards,
-                 refs=torch.tensor(rows, dtype=torch.int64).reshape(-1, 6))  # small (shard, offset, length), crop
+                 refs=torch.tensor(rows, dtype=torch.int64).reshape(-1, 2 * _REF_COLUMNS))  # small, then crop
     return state
 
 
@@ -65,9 +70,8 @@ def load_memory_state(memory, state) -> None:
             record.kept = state["kept"][kept_offset:kept_offset + kept_numel].clone()
             record.crop = state["crops"][crop_offset:crop_offset + crop_numel].clone()
         else:
-            values = state["refs"][row].tolist()
-            record.refs = tuple(None if values[k] < 0 else PartRef(state["shards"][values[k]], *values[k + 1:k + 3])
-                                for k in (0, 3))
+            record.refs = tuple(_part_ref(state["shards"], values) for values in
+                                state["refs"][row].view(2, -1).tolist())
         classes[label].append(record)
         kept_offset += kept_numel
         crop_offset += crop_numel
@@ -78,3 +82,11 @@ def load_memory_state(memory, state) -> None:
             if records:
                 memory._to_store(label, records)
     memory._classes = classes
+
+
+def _part_ref(shards, values):
+    """A :class:`PartRef` from one part's columns of the reference table (3 columns before the checksums, 4 with)."""
+    if values[0] < 0:
+        return None
+    crc32 = values[3] if len(values) == _REF_COLUMNS and values[3] != _NO_CRC else None
+    return PartRef(shards[values[0]], values[1], values[2], crc32)

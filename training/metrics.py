@@ -16,10 +16,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
+
+from .files import save_figure, write_text
 
 __all__ = [
     "PhaseMetrics",
@@ -221,20 +222,6 @@ class MetricsHistory:
 # --------------------------------------------------------------------------------------------------------------
 # Loggers
 # --------------------------------------------------------------------------------------------------------------
-def _atomic_write_text(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_number(value):
     """JSON has no NaN/inf: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -268,13 +255,13 @@ class JsonlLog:
 
     def write(self, history):
         if self.enabled:
-            _atomic_write_text(self.path, "".join(json.dumps(_json_number(m.to_dict())) + "\n" for m in history.phases))
+            write_text(self.path, "".join(json.dumps(_json_number(m.to_dict())) + "\n" for m in history.phases))
 
 
 def write_summary(path, history, extra=None, *, finished=False, enabled=True):
     """``summary.json`` (atomic): :meth:`MetricsHistory.summary`."""
     if enabled:
-        _atomic_write_text(path, json.dumps(_json_number(history.summary(extra, finished=finished)), indent=2) + "\n")
+        write_text(path, json.dumps(_json_number(history.summary(extra, finished=finished)), indent=2) + "\n")
 
 
 class TensorBoardLog:
@@ -346,18 +333,7 @@ def plot_accuracy(history, path, *, title=None):
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left")
     figure.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_figure(figure, path)
 
 
 class RunLoggers:

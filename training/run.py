@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         nargs="+", help="override a config key (repeatable), e.g. --set init_epochs=5 threshold=otsu")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    parser.add_argument("--repair-memory", action="store_true", help="with --resume: check the exemplar store's "
+                        "shards and rebuild damaged classes from the training images")
     return parser
 
 
@@ -163,10 +165,12 @@ def main(argv: Union[Sequence[str], None] = None) -> dict:
             cfg = _config_from_args(args)
             out_dir = args.out or default_out_dir(cfg)
             _check_out_dir(out_dir)
+        if args.repair_memory and not args.resume:
+            raise ConfigError("--repair-memory repairs a run's exemplar store when resuming: add --resume")
         stop = os.environ.get(STOP_ENV)
         return run(cfg, out_dir=out_dir, resume=args.resume, overwrite=args.overwrite,
                    stop_after_checkpoints=int(stop) if stop else None, checkpoint=checkpoint,
-                   base_config=None if args.resume else _base_name(args))
+                   base_config=None if args.resume else _base_name(args), repair_memory=args.repair_memory)
     except Interrupted as error:
         print(error, file=sys.stderr)
         raise SystemExit(error.exit_code) from None
@@ -204,13 +208,14 @@ def _one_line(error: Exception, out_dir) -> Union[tuple[str, int], None]:
 
 def run(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = False,
         stop_after_checkpoints: Union[int, None] = None, checkpoint: Union[dict, None] = None,
-        base_config: Union[str, None] = None) -> dict:
+        base_config: Union[str, None] = None, repair_memory: bool = False) -> dict:
     """Run (or resume) the whole class-incremental schedule of ``cfg`` in ``out_dir``; returns the summary
     (:func:`training.runner.run_schedule`, imported here so that the command line checks its arguments first)."""
     from .runner import run_schedule
 
     return run_schedule(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite,
-                        stop_after_checkpoints=stop_after_checkpoints, checkpoint=checkpoint, base_config=base_config)
+                        stop_after_checkpoints=stop_after_checkpoints, checkpoint=checkpoint, base_config=base_config,
+                        repair_memory=repair_memory)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkp
 from .config import Config, ConfigError, config_names, load_config
 from .console import Console, changed_keys
 from .distributed import launch_env, resolve_runtime
+from .files import write_text
 from .learners import Hooks, build_learner
 from .memory import class_budget
 from .metrics import MetricsHistory, RunLoggers, evaluate
@@ -101,11 +102,12 @@ def _clear_run(out_dir: str) -> None:
 
 def run_schedule(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: bool = False,
                  stop_after_checkpoints: Union[int, None] = None, checkpoint: Union[dict, None] = None,
-                 base_config: Union[str, None] = None) -> dict:
+                 base_config: Union[str, None] = None, repair_memory: bool = False) -> dict:
     """Run (or resume) the whole class-incremental schedule of ``cfg`` in ``out_dir``; returns the summary.
 
     ``checkpoint``: the run's checkpoint when the caller has already read it (resume), so that it is read once;
     ``base_config``: the bundled config the run started from (the start block lists the keys set away from it);
+    ``repair_memory``: on resume, rebuild damaged exemplar-store classes from the training images first;
     ``stop_after_checkpoints``: a test hook, :class:`Interrupted` right after that many checkpoints."""
     cfg.validate()
     main_process = launch_env()[0] == 0
@@ -195,6 +197,13 @@ def run_schedule(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: 
         set_rng_state(state["rng"])
         state = None  # the loaded checkpoint is not kept for the rest of the run
         resumed_at = f"phase {learner.phase_index}, stage {learner.stage}, epoch {learner.epoch}"
+        if repair_memory:
+            from .memory_repair import repair_memory as repair
+
+            repaired = repair(learner.memory, source.train)
+            runtime.barrier()  # the writer's new shards exist before any rank reads them
+            console.status(f"memory: {len(repaired)} damaged class(es) rebuilt from the training images"
+                           + (f" ({', '.join(map(str, repaired))})" if repaired else ""))
 
     run_info = {
         "config": cfg.to_dict(),
@@ -207,9 +216,7 @@ def run_schedule(cfg: Config, *, out_dir: str, resume: bool = False, overwrite: 
         "torch": torch.__version__,
     }
     if runtime.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as handle:
-            json.dump(run_info, handle, indent=2)
+        write_text(os.path.join(out_dir, "config.json"), json.dumps(run_info, indent=2))
     console.start(out_dir=out_dir, runtime=runtime, threads=torch.get_num_threads(), cfg=cfg, source=source,
                   stream=stream, changed=changed_keys(cfg, _base_config(cfg, base_config)), resumed_at=resumed_at)
     warning = _memory_warning(cfg, stream) if learner.USES_MEMORY else None

@@ -18,7 +18,6 @@ Writes two PNGs (default ``RUN_DIR/exemplars.png`` and ``RUN_DIR/rationals.png``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 
 import cim_ext
 from cim_ext.nn import RELU_INIT
+
+from .files import read_json, save_figure
 
 __all__ = ["load_run", "exemplar_rows", "plot_exemplars", "plot_rationals", "main"]
 
@@ -68,7 +69,7 @@ class RunView:
         self.exemplar_cams = policy.get("exemplar_cams") or {}
         self.network_state = (learner.get("network") or {}).get("state") or {}
         self.phase_index = learner.get("phase_index")
-        info = _read_json(os.path.join(run_dir, "config.json")) or {}
+        info = read_json(os.path.join(run_dir, "config.json")) or {}
         self.class_order = info.get("class_order")
         self._source = None
 
@@ -90,14 +91,6 @@ class RunView:
 
 def load_run(run_dir: str) -> RunView:
     return RunView(run_dir)
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------- exemplars
@@ -263,7 +256,7 @@ def plot_exemplars(view: RunView, rows: Sequence[dict], path: str) -> str:
     height = figure.get_figheight()
     figure.subplots_adjust(left=0.02, right=0.99, bottom=0.35 / height, top=1 - 0.75 / height, wspace=0.08,
                            hspace=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------------- rationals
@@ -319,12 +312,6 @@ def plot_rationals(view: RunView, path: str, *, span: float = 4.0) -> str:
     axes.axhline(0.0, color="0.5", linewidth=0.6)
     axes.set_title("learnt − initial, every site" if changes else "no rational activations", fontsize=7)
     axes.tick_params(labelsize=6)
-    return _save(figure, path)
-
-
-def _save(figure, path: str) -> str:
-    from .experiments.ablation.files import save_figure
-
     return save_figure(figure, path)
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..messages import did_you_mean, listing
+
 __all__ = ["CLASS_RULES", "select_classes", "class_keys", "mean_box_areas", "subset_imageset"]
 
 #: Rules of ``data_options.classes``: name -> whether the smallest areas come first.
@@ -102,8 +104,8 @@ def _explicit(name: str, source, entries: Sequence) -> list[int]:
         elif entry in position:
             chosen.append(position[entry])
         else:
-            shown = ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
-            raise ValueError(f"{name}: data_options.classes: no class {entry!r} in this source (its classes: {shown})")
+            raise ValueError(f"{name}: data_options.classes: no class {entry!r} in this source (its classes: "
+                             f"{listing(keys)}){did_you_mean(entry, keys)}")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"{name}: data_options.classes: a class is listed twice")
     return sorted(chosen)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from ..messages import did_you_mean, listing
 from .boxes import ObjectBoxes, imagenet_boxes, inclusive_box
 from .classes import CLASS_RULES, select_classes
 from .synthetic import SyntheticSpec, generate
@@ -204,13 +205,39 @@ def _root_error(name, root, layout, problem):
     return DataRootError(f"{name}: cannot use data root {str(root)!r}: {problem}. Expected {layout}.")
 
 
+def _path_problem(path, *, directory):
+    """What keeps ``path`` from being the directory (or the regular file) a layout needs, or None."""
+    if not path.exists():
+        return "does not exist"
+    if directory and not path.is_dir():
+        return "is not a directory"
+    if not directory and not path.is_file():
+        return "is a directory, not a file" if path.is_dir() else "is not a regular file"
+    return None
+
+
 def _check_root(name, root, layout):
     if root is None:
         raise DataRootError(f"{name}: needs a data root (--data-root PATH). Expected {layout}.")
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise _root_error(name, root, layout, "it is not a directory")
+    problem = _path_problem(root, directory=True)
+    if problem:
+        raise _root_error(name, root, layout, f"it {problem}")
     return root
+
+
+def _require(name, root, layout, path, *, directory=False):
+    """DataRootError unless ``path`` is a directory (``directory``) or a regular file."""
+    problem = _path_problem(path, directory=directory)
+    if problem:
+        raise _root_error(name, root, layout, f"{path} {problem}")
+
+
+def _class_folders_problem(directory):
+    """Why ``directory`` is not a folder of class folders ("<path> does not exist", ...), or None."""
+    problem = _path_problem(directory, directory=True) or (None if _has_class_dirs(directory) else
+                                                          "has no class folders")
+    return None if problem is None else f"{directory} {problem}"
 
 
 def _has_class_dirs(directory):
@@ -230,11 +257,14 @@ def _has_files(directory):
 
 
 def _scan(name, root, layout, directory, class_to_idx, allow_empty):
-    """make_dataset over the given classes, with layout errors turned into one DataRootError."""
-    try:
-        samples = make_dataset(directory, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
-    except FileNotFoundError as error:
-        raise _root_error(name, root, layout, f"in {directory}: {error}") from None
+    """make_dataset over the given classes, with layout errors turned into one DataRootError (a bounded list of the
+    classes without images)."""
+    samples = make_dataset(directory, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    found = {target for _, target in samples}
+    empty = [c for c, index in sorted(class_to_idx.items()) if index not in found]
+    if empty and not allow_empty:
+        raise _root_error(name, root, layout, f"in {directory}, {len(empty)} of the {len(class_to_idx)} classes have "
+                          f"no image files (extensions {', '.join(IMG_EXTENSIONS)}): {listing(empty)}")
     if not samples:
         raise _root_error(name, root, layout, f"no image files (extensions {', '.join(IMG_EXTENSIONS)}) under "
                           f"{directory}")
@@ -245,12 +275,12 @@ def _scan(name, root, layout, directory, class_to_idx, allow_empty):
 def _imagefolder(name, root, on_bad_image, *, val_dirs=("val", "test"), strict_val=False, layout=_IMAGEFOLDER_LAYOUT,
                  classes=None):
     train_dir = root / "train"
-    if not _has_class_dirs(train_dir):
-        raise _root_error(name, root, layout, f"{train_dir} is missing or has no class folders")
+    problem = _class_folders_problem(train_dir)
+    if problem:
+        raise _root_error(name, root, layout, problem)
     val_dir = next((root / d for d in val_dirs if _has_class_dirs(root / d)), None)
     if val_dir is None:
-        tried = " or ".join(str(root / d) for d in val_dirs)
-        raise _root_error(name, root, layout, f"{tried} is missing or has no class folders")
+        raise _root_error(name, root, layout, " and ".join(_class_folders_problem(root / d) for d in val_dirs))
     if classes is None:  # all classes of train/; val/ may not add any
         classes, _ = find_classes(train_dir)
         extra = sorted(set(find_classes(val_dir)[0]) - set(classes))
@@ -259,7 +289,7 @@ def _imagefolder(name, root, on_bad_image, *, val_dirs=("val", "test"), strict_v
     class_to_idx = {c: i for i, c in enumerate(classes)}
     if extra:
         raise _root_error(name, root, layout, f"{val_dir} has class folders missing from {train_dir}: "
-                          f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+                          f"{listing(extra)}")
     train = FileImageSet(*_scan(name, root, layout, train_dir, class_to_idx, False), on_bad_image=on_bad_image)
     test = FileImageSet(*_scan(name, root, layout, val_dir, class_to_idx, not strict_val), on_bad_image=on_bad_image)
     return list(classes), train, test
@@ -284,7 +314,7 @@ def _torchvision_imagenet(name, root, on_bad_image, classes=None):
     missing = [c for c in classes if c not in set(splits["train"][1])]
     if missing:
         raise _root_error(name, root, _IMAGENET_LAYOUT, f"{len(missing)} expected classes have no training images "
-                          f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+                          f"({listing(missing)})")
     sets = []
     for split in ("train", "val"):
         paths, wnids = splits[split]
@@ -323,8 +353,7 @@ def _checked_box(name, root, where, fields):
 
 def _annotation_lines(name, root, path, columns):
     """Tab- or space-separated lines of an annotation file, each with ``columns`` fields."""
-    if not path.is_file():
-        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{path} does not exist")
+    _require(name, root, _TINYIMAGENET_LAYOUT, path)
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split()
@@ -343,8 +372,7 @@ def _tinyimagenet(name, root, on_bad_image, num_classes=None, train_per_class=No
     images (in box-file order; all if None) and, with ``heldout_per_class``, the next that many as held-out images
     (None without it)."""
     wnids_file = root / "wnids.txt"
-    if not wnids_file.is_file():
-        raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} does not exist")
+    _require(name, root, _TINYIMAGENET_LAYOUT, wnids_file)
     classes = sorted({line.strip() for line in wnids_file.read_text().splitlines() if line.strip()})
     if not classes:
         raise _root_error(name, root, _TINYIMAGENET_LAYOUT, f"{wnids_file} lists no classes")
@@ -413,9 +441,9 @@ def _food101(name, root, on_bad_image):
     if not (root / "meta").is_dir() and (root / "food-101" / "meta").is_dir():
         root = root / "food-101"
     images, meta = root / "images", root / "meta"
-    for required in (images, meta / "train.txt", meta / "test.txt"):
-        if not required.exists():
-            raise _root_error(name, root, _FOOD101_LAYOUT, f"{required} does not exist")
+    _require(name, root, _FOOD101_LAYOUT, images, directory=True)
+    for required in (meta / "train.txt", meta / "test.txt"):
+        _require(name, root, _FOOD101_LAYOUT, required)
     splits = {}
     for split in ("train", "test"):
         entries = []
@@ -442,7 +470,7 @@ def _food101(name, root, on_bad_image):
         unknown = sorted({c for c, _ in splits[split]} - set(class_to_idx))
         if unknown:
             raise _root_error(name, root, _FOOD101_LAYOUT, f"meta/{split}.txt names classes not in the class list: "
-                              f"{', '.join(unknown[:5])}")
+                              f"{listing(unknown)}")
         sets.append(FileImageSet([p for _, p in splits[split]], [class_to_idx[c] for c, _ in splits[split]],
                                  on_bad_image=on_bad_image))
     return classes, sets[0], sets[1], root
@@ -459,7 +487,8 @@ _PER_CLASS_OPTIONS = ("train_per_class", "heldout_per_class")
 def _check_options(name, options, allowed):
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(allowed) or 'none'}")
+        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(allowed) or 'none'}"
+                        f"{did_you_mean(unknown[0], allowed)}")
 
 
 def _load_synthetic(root, seed, on_bad_image, options):
@@ -559,7 +588,7 @@ def load_source(name, root=None, *, seed=0, on_bad_image="skip", **options) -> S
         message names the expected layout. TypeError: unknown option.
     """
     if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}{did_you_mean(name, SOURCES)}")
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
     classes = options.pop("classes", None)

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Sequence, Union
 
-from .files import read_json
+from ...files import read_json
 from .plan import job_config, plan
 from .render import render_markdown, write_outputs
 from .report import build_report

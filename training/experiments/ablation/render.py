@@ -6,7 +6,7 @@ import math
 import os
 from typing import Union
 
-from .files import atomic_write, save_figure
+from ...files import save_figure, write_text
 from .settings import GAPS, SETTINGS
 
 __all__ = ["render_markdown", "plot_results", "output_paths", "write_outputs"]
@@ -297,7 +297,7 @@ def output_paths(out_dir: str, preset: str, learner: str = "foster") -> dict:
 def write_outputs(report: dict, out_dir: str, preset: str, learner: str = "foster") -> dict:
     """Write the json, the markdown page and the plot; returns their paths."""
     paths = output_paths(out_dir, preset, learner)
-    atomic_write(paths["json"], json.dumps(report, indent=1) + "\n")
+    write_text(paths["json"], json.dumps(report, indent=1) + "\n")
     plot_results(report, paths["png"])
-    atomic_write(paths["md"], render_markdown(report, png_name=os.path.basename(paths["png"])))
+    write_text(paths["md"], render_markdown(report, png_name=os.path.basename(paths["png"])))
     return paths

@@ -9,7 +9,7 @@ import os
 import statistics
 from typing import Sequence, Union
 
-from .files import read_json
+from ...files import read_json
 from .plan import Job, job_config
 from .runner import TIMING_NAME
 from .settings import BUDGETS, COMMON, GAPS, ORIGINAL, SETTINGS, Preset

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Sequence, Union
 
-from .files import atomic_write, read_json
+from ...files import read_json, write_text
 from .plan import Job, job_config
 from .settings import SETTINGS
 
@@ -163,7 +163,7 @@ def run_jobs(jobs: Sequence[Job], *, jobs_in_parallel: int = 1, threads: int = 1
         timing = read_json(os.path.join(job.run_dir, TIMING_NAME)) or {"wall_seconds": 0.0, "cpu_seconds": 0.0}
         timing = {"wall_seconds": timing["wall_seconds"] + seconds, "cpu_seconds": timing["cpu_seconds"] + cpu,
                   "threads": threads, "parallel_runs": jobs_in_parallel}
-        atomic_write(os.path.join(job.run_dir, TIMING_NAME), json.dumps(timing) + "\n")
+        write_text(os.path.join(job.run_dir, TIMING_NAME), json.dumps(timing) + "\n")
         return seconds, cpu
 
     finished = 0
