@@ -17,8 +17,8 @@ import torch
 
 from ..data import build_transform, collate_skip_bad, PhaseDataset
 from ..memory import ExemplarMemory
-from ..models import network_from_spec
-from ..optim import lr_scheduler
+from ..models import network_from_spec, split_parameters
+from ..optim import lr_scheduler, theta_optimizer
 from ..policy import CIMPolicy
 from .steps import NonFiniteLoss
 
@@ -61,6 +61,8 @@ class Learner:
     STAGES: tuple = ()
     #: Whether the learner keeps an exemplar memory (a :class:`~training.policy.CIMPolicy`).
     USES_MEMORY = True
+    #: The learner's own schedule of its training stage (``lr_schedule=auto``): ``cosine`` or ``multistep``.
+    SCHEDULE = "cosine"
 
     def __init__(self, *, cfg, stream, runtime, image_size: int, hooks: Union[Hooks, None] = None,
                  memory_dir: Union[str, None] = None):
@@ -140,7 +142,17 @@ class Learner:
         raise NotImplementedError
 
     def _make_optimizers(self, phase) -> None:
-        """The optimisers and schedulers of the current stage (used when resuming)."""
+        """The optimisers and schedulers of the current stage (also used when resuming): in the training stage (the
+        first of ``STAGES``) theta's, at the phase's ``*_theta_lr`` and ``*_weight_decay``, on :meth:`_schedule`."""
+        cfg = self.cfg
+        self.optimizers, self.schedulers = {}, {}
+        if self.stage == self.STAGES[0]:
+            first = phase.index == 0
+            theta, _ = split_parameters(self.network)
+            opt = theta_optimizer(cfg, theta.values(), cfg.init_theta_lr if first else cfg.incre_theta_lr,
+                                  cfg.init_weight_decay if first else cfg.incre_weight_decay)
+            self.optimizers["theta"] = opt
+            self.schedulers["theta"] = self._schedule(opt, phase)
 
     def _extra_predictions(self, loader) -> dict:
         return {}
@@ -155,8 +167,8 @@ class Learner:
         """Restore what :meth:`_extra_state` saved."""
 
     def _phi_scheduler(self, phase) -> Callable:
-        """phi's schedule in the phase's training stage: the theta schedule of that stage."""
-        raise NotImplementedError
+        """phi's schedule in the phase's training stage: theta's (:meth:`_schedule`)."""
+        return lambda optimizer: self._schedule(optimizer, phase)
 
     # ---------------------------------------------------------------- shared stages and loops
     def _run_memory(self, phase) -> None:
@@ -164,8 +176,13 @@ class Learner:
         self.policy.end_phase(phase, self.network)
         self.stage = "trained"
 
-    def _schedule(self, optimizer, *, kind: str, epochs: int, milestones=()):
-        return lr_scheduler(optimizer, kind, epochs=epochs, milestones=milestones, gamma=self.cfg.lr_decay)
+    def _schedule(self, optimizer, phase):
+        """The training stage's schedule: ``lr_schedule``, or with ``auto`` the learner's own (:attr:`SCHEDULE`)
+        over the stage's epochs (cosine) or at the phase's milestones (multistep)."""
+        cfg = self.cfg
+        kind = self.SCHEDULE if cfg.lr_schedule == "auto" else cfg.lr_schedule
+        return lr_scheduler(optimizer, kind, epochs=self._epochs(phase), gamma=cfg.lr_decay,
+                            milestones=cfg.init_milestones if phase.index == 0 else cfg.incre_milestones)
 
     def _run_epochs(self, phase, *, stage: str, epochs: int, epoch_fn: Callable[[int], dict],
                     finish: Callable[[], None], evaluate: bool = False) -> None:

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from ..cim import upcast
 from ..data import PhaseDataset
-from ..models import IncrementalNet, split_parameters
-from ..optim import theta_optimizer
+from ..models import IncrementalNet
 from .base import Learner
 from .steps import train_step
 
@@ -37,17 +36,6 @@ class Finetune(Learner):
         self.runtime.prepare_model(self.network)
         self.stage, self.epoch = "train", 0
         self._make_optimizers(phase)
-
-    def _make_optimizers(self, phase) -> None:
-        cfg = self.cfg
-        self.optimizers, self.schedulers = {}, {}
-        if self.stage == "train":
-            first = phase.index == 0
-            theta, _ = split_parameters(self.network)
-            opt = theta_optimizer(cfg, theta.values(), cfg.init_theta_lr if first else cfg.incre_theta_lr,
-                                  cfg.init_weight_decay if first else cfg.incre_weight_decay)
-            self.optimizers = {"theta": opt}
-            self.schedulers = {"theta": self._schedule(opt, kind="cosine", epochs=self._epochs(phase))}
 
     def _classes(self, phase) -> list:
         """The classes whose training images a phase trains on."""

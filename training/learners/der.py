@@ -15,14 +15,11 @@ used) and phi's gradient is not clipped (docs/training.md lists where this diffe
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from ..cim import upcast
-from ..models import DERNet, split_parameters
-from ..optim import theta_optimizer
+from ..models import DERNet
 from ..policy import InnerStep
 from .base import Learner
 from .steps import train_step
@@ -50,6 +47,7 @@ class DER(Learner):
 
     NAME = "der"
     STAGES = ("train", "memory")
+    SCHEDULE = "multistep"
 
     def _begin_phase(self, phase) -> None:
         cfg = self.cfg
@@ -61,26 +59,6 @@ class DER(Learner):
         self.stage, self.epoch = "train", 0
         self._make_optimizers(phase)
         self.policy.begin_phase(phase, self.network, self._phi_scheduler(phase))
-
-    def _theta_schedule(self, optimizer, phase):
-        cfg = self.cfg
-        kind = "multistep" if cfg.lr_schedule == "auto" else cfg.lr_schedule
-        milestones = cfg.init_milestones if phase.index == 0 else cfg.incre_milestones
-        return self._schedule(optimizer, kind=kind, epochs=self._epochs(phase), milestones=milestones)
-
-    def _phi_scheduler(self, phase) -> Callable:
-        return lambda optimizer: self._theta_schedule(optimizer, phase)
-
-    def _make_optimizers(self, phase) -> None:
-        cfg = self.cfg
-        self.optimizers, self.schedulers = {}, {}
-        if self.stage == "train":
-            first = phase.index == 0
-            theta, _ = split_parameters(self.network)
-            opt = theta_optimizer(cfg, theta.values(), cfg.init_theta_lr if first else cfg.incre_theta_lr,
-                                  cfg.init_weight_decay if first else cfg.incre_weight_decay)
-            self.optimizers = {"theta": opt}
-            self.schedulers = {"theta": self._theta_schedule(opt, phase)}
 
     def _run_train(self, phase) -> None:
         cfg, rt, policy = self.cfg, self.runtime, self.policy

@@ -17,7 +17,7 @@ call them alone.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..cim import clip_scale, upcast
 from ..memory import class_budget
 from ..models import FosterNet, split_parameters
-from ..optim import theta_optimizer
+from ..optim import lr_scheduler, theta_optimizer
 from ..policy import InnerStep
 from .base import Learner
 from .steps import finite_or_skip, train_step
@@ -117,24 +117,14 @@ class Foster(Learner):
     def epochs_in(self, phase) -> int:
         return self._epochs(phase) + (self.cfg.compression_epochs if phase.index > 0 else 0)
 
-    def _phi_scheduler(self, phase) -> Callable:
-        return lambda optimizer: self._schedule(optimizer, kind="cosine", epochs=self._epochs(phase))
-
     def _make_optimizers(self, phase) -> None:
-        cfg = self.cfg
-        self.optimizers, self.schedulers = {}, {}
-        if self.stage == "boost":
-            first = phase.index == 0
-            theta, _ = split_parameters(self.network)
-            opt = theta_optimizer(cfg, theta.values(), cfg.init_theta_lr if first else cfg.incre_theta_lr,
-                                  cfg.init_weight_decay if first else cfg.incre_weight_decay)
-            self.optimizers = {"theta": opt}
-            self.schedulers = {"theta": self._schedule(opt, kind="cosine", epochs=self._epochs(phase))}
-        elif self.stage == "student":
+        super()._make_optimizers(phase)
+        if self.stage == "student":
+            cfg = self.cfg
             theta, _ = split_parameters(self.student_net)
             opt = theta_optimizer(cfg, theta.values(), cfg.incre_theta_lr, 0.0)  # the original student has no decay
             self.optimizers = {"student": opt}
-            self.schedulers = {"student": self._schedule(opt, kind="cosine", epochs=cfg.compression_epochs)}
+            self.schedulers = {"student": lr_scheduler(opt, "cosine", epochs=cfg.compression_epochs)}
 
     def _class_counts(self, phase) -> list:
         """Per-class counts for the class-balance weights, in model label order: each old class at the nominal
