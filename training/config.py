@@ -374,24 +374,16 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if tp is list:
+    if tp in (list, dict):
+        wanted = "a JSON list, e.g. [60, 120]" if tp is list else "a JSON object"
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                raise ConfigError(f"{key}: expected a JSON list, e.g. [60, 120], got {value!r}") from None
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"{key}: expected a JSON list, e.g. [60, 120], got {value!r}")
-    if tp is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{key}: expected a JSON object, got {value!r}") from None
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"{key}: expected a JSON object, got {value!r}")
+                raise ConfigError(f"{key}: expected {wanted}, got {value!r}") from None
+        if isinstance(value, (list, tuple) if tp is list else dict):
+            return tp(value)
+        raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # pragma: no cover
 
 

@@ -170,6 +170,14 @@ class Learner:
         """phi's schedule in the phase's training stage: theta's (:meth:`_schedule`)."""
         return lambda optimizer: self._schedule(optimizer, phase)
 
+    def _grow(self, net_class, phase) -> None:
+        """The phase's network: a new ``net_class`` in phase 0, grown by one backbone after; on the device."""
+        if self.network is None:
+            self.network = net_class(backbone=self.cfg.backbone, fc_bias=self.cfg.fc_bias).grow(phase.total)
+        else:
+            self.network.grow(phase.total)
+        self.runtime.prepare_model(self.network)
+
     # ---------------------------------------------------------------- shared stages and loops
     def _run_memory(self, phase) -> None:
         """Update the memory with the phase's network (boxes -> compressed exemplars -> herding)."""

@@ -50,12 +50,7 @@ class DER(Learner):
     SCHEDULE = "multistep"
 
     def _begin_phase(self, phase) -> None:
-        cfg = self.cfg
-        if self.network is None:
-            self.network = DERNet(backbone=cfg.backbone, fc_bias=cfg.fc_bias).grow(phase.total)
-        else:
-            self.network.grow(phase.total)
-        self.runtime.prepare_model(self.network)
+        self._grow(DERNet, phase)
         self.stage, self.epoch = "train", 0
         self._make_optimizers(phase)
         self.policy.begin_phase(phase, self.network, self._phi_scheduler(phase))

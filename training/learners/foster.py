@@ -103,13 +103,8 @@ class Foster(Learner):
 
     # ---------------------------------------------------------------- phase setup
     def _begin_phase(self, phase) -> None:
-        cfg = self.cfg
-        if self.network is None:
-            self.network = FosterNet(backbone=cfg.backbone, fc_bias=cfg.fc_bias).grow(phase.total)
-        else:
-            self.network.grow(phase.total)
-        self.runtime.prepare_model(self.network)
-        self.class_weights = self._class_weights(phase, cfg.beta1) if phase.index > 0 else None
+        self._grow(FosterNet, phase)
+        self.class_weights = self._class_weights(phase, self.cfg.beta1) if phase.index > 0 else None
         self.stage, self.epoch = "boost", 0
         self._make_optimizers(phase)
         self.policy.begin_phase(phase, self.network, self._phi_scheduler(phase))
