@@ -1,29 +1,29 @@
 """CPU memory in the benchmarks: outputs from memory the process already holds, the load of other processes, and
 the cost of a fresh output measured on its own.
 
-    python -m bench.allocator [--megabytes 38.5] [--rounds 20] [--reclaimed-gb 4]
+    python -m bench.allocator [--gigabytes 2] [--wait 6]
 
 PyTorch has no caching allocator on CPU. glibc serves every allocation above its mmap threshold (at most 32 MiB) with
 a fresh ``mmap`` and returns it with ``munmap`` when freed, so each call of an op with a B = 256 image batch output
 (38.5 MB) page-faults all of its output in again. On this repository's build box (a Firecracker VM whose
-virtio-balloon reports free guest pages to the host at order 9, i.e. 2 MiB blocks) a fresh huge page can be one
-the host has already taken back, and faulting it in then costs a host fault per 4 KiB: a 38.5 MB first write took
-89-107 ms right after the process freed 4 GB, against 4.3 ms when it reused pages it had just freed (and 12 ms with
-4 KiB pages, either way). Which case a call hits depends on what was freed how long before, so timings of fresh
-outputs wander by 10x between runs of the same build.
+virtio-balloon reports free guest memory to the host in 2 MiB blocks, ``page_reporting_order`` 9) a fresh huge page
+is often one the host has taken back, and faulting it in then stalls for the host's own faults. Measured with this
+module (one thread, per second of its CPU time, so the load of other processes does not enter): huge pages fresh
+from the system 0.38 GB/s (101 ms per 38.5 MB), just freed by the process 6.5 GB/s (6 ms), freed 6 s before 0.66
+GB/s (58 ms); 4 KiB pages 3.1 GB/s (12 ms) in all three cases; rewriting resident memory 8.8 GB/s (4.4 ms). Which
+case a call hits depends on what was freed how long before, so timings of fresh huge-page outputs wander by 10x
+between runs of the same build, and 4 KiB pages cost a steady 12 ms, three times the compress kernel.
 
 The benchmarks therefore run with :func:`resident_env`: glibc never maps or unmaps (``glibc.malloc.mmap_max=0``,
 no trimming), so freed outputs stay in the process and the next call's output reuses them, with no page fault. What
 a fresh output costs is the ``fresh_output`` line of ``bench/test_kernels.py``, which writes once into a fresh
-mapping; this module's ``main`` measures those cases in isolation (``--reclaimed-gb`` frees that much memory first and
-waits, so that the host may take it back).
+mapping (4 KiB pages, and huge pages).
 """
 from __future__ import annotations
 
 import argparse
 import mmap
 import os
-import statistics
 import sys
 import time
 
@@ -79,9 +79,11 @@ class OtherLoad:
         return ticks, times.user + times.system + times.children_user + times.children_system, time.monotonic()
 
 
-def fresh_write(nbytes: int, *, huge_pages: bool) -> None:
+def fresh_write(nbytes: int, *, huge_pages: bool) -> float:
     """Map ``nbytes`` of fresh anonymous memory, write every byte once, unmap it: what a fresh output adds to an
-    out-of-place op (page faults, the kernel's zeroing, the unmap), beside the write itself."""
+    out-of-place op (page faults, the kernel's zeroing, the unmap), beside the write itself. Returns the CPU time
+    of this thread for the write, in seconds (all of it with one torch thread; unlike wall time, the load of other
+    processes does not enter it, while the host's faults do, since they stall the thread)."""
     import torch
 
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -89,10 +91,13 @@ def fresh_write(nbytes: int, *, huge_pages: bool) -> None:
         if huge_pages:
             region.madvise(mmap.MADV_HUGEPAGE)
         view = torch.frombuffer(region, dtype=torch.uint8)
+        start = time.thread_time()
         view.fill_(1)
+        seconds = time.thread_time() - start
         del view
     finally:
         region.close()
+    return seconds
 
 
 def _reported_kib():
@@ -103,65 +108,41 @@ def _reported_kib():
         return None
 
 
-def _times(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def main(argv=None) -> int:
-    """Print the cost of writing a block of memory: resident, fresh with 4 KiB pages, fresh with huge pages, and
-    fresh with huge pages right after the process freed a large block (``--reclaimed-gb``)."""
+    """Print the first-write rate of fresh memory, one thread: with huge pages and 4 KiB pages, each fresh from the
+    system, just freed by this process, and freed ``--wait`` seconds before; and the rate of rewriting resident
+    memory. A 38.5 MB output (B = 256 uint8 images) costs its size over the rate."""
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m bench.allocator", description=main.__doc__.splitlines()[0])
-    parser.add_argument("--megabytes", type=float, default=256 * 3 * 224 * 224 / 1e6,
-                        help="block size in MB (default: a B = 256 uint8 image batch, 38.5 MB)")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--reclaimed-gb", type=float, default=4.0,
-                        help="GB freed before each round of the last case (0: skip it)")
-    parser.add_argument("--wait", type=float, default=4.0, help="seconds waited after freeing them")
+    parser.add_argument("--gigabytes", type=float, default=2.0, help="memory written per case (default 2)")
+    parser.add_argument("--wait", type=float, default=6.0, help="seconds between freeing and the last case")
     args = parser.parse_args(argv)
-    for name in ("megabytes", "rounds"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name}: expected a positive number, got {getattr(args, name)}")
-    if args.reclaimed_gb < 0 or args.wait < 0:
-        parser.error("--reclaimed-gb, --wait: expected numbers >= 0")
+    if not args.gigabytes > 0:
+        parser.error(f"--gigabytes: expected a positive number, got {args.gigabytes}")
+    if args.wait < 0:
+        parser.error(f"--wait: expected seconds >= 0, got {args.wait}")
+    torch.set_num_threads(1)
+    nbytes, batch = int(args.gigabytes * 1e9), 256 * 3 * 224 * 224
 
-    nbytes = int(args.megabytes * 1e6)
+    def show(label, rate, note=""):
+        print(f"  {label:42s} {rate / 1e9:6.2f} GB/s  ({batch / rate * 1e3:6.1f} ms per 38.5 MB){note}", flush=True)
+
+    print(f"first write of {nbytes / 1e9:.1f} GB of fresh memory, one thread, per second of its CPU time")
+    for huge in (True, False):
+        pages = "huge pages" if huge else "4 KiB pages"
+        show(f"{pages}, fresh from the system", nbytes / fresh_write(nbytes, huge_pages=huge))
+        show(f"{pages}, just freed by this process", nbytes / fresh_write(nbytes, huge_pages=huge))
+        time.sleep(args.wait)
+        show(f"{pages}, freed {args.wait:g} s before", nbytes / fresh_write(nbytes, huge_pages=huge))
     resident = torch.empty(nbytes, dtype=torch.uint8)
     resident.fill_(0)
-    cases = {
-        "resident": lambda: resident.fill_(1),
-        "fresh, 4 KiB pages": lambda: fresh_write(nbytes, huge_pages=False),
-        "fresh, huge pages": lambda: fresh_write(nbytes, huge_pages=True),
-    }
-    print(f"writing {nbytes / 1e6:.1f} MB, {args.rounds} rounds, {torch.get_num_threads()} threads")
-    with OtherLoad() as load:
-        for name, fn in cases.items():
-            fn()
-            times = _times(fn, args.rounds)
-            print(f"  {name:32s} median {statistics.median(times) * 1e3:8.2f} ms  min {min(times) * 1e3:8.2f}  "
-                  f"max {max(times) * 1e3:8.2f}")
-        if args.reclaimed_gb:
-            times, reported = [], 0
-            for _ in range(min(args.rounds, 4)):
-                block = torch.empty(int(args.reclaimed_gb * 1e9), dtype=torch.uint8)
-                block.fill_(1)
-                del block
-                before = _reported_kib()
-                time.sleep(args.wait)
-                after = _reported_kib()
-                reported += (after - before) if before is not None and after is not None else 0
-                times += _times(cases["fresh, huge pages"], 1)
-            note = f"; {reported / 2**20:.2f} GiB reported free to the host meanwhile" if _reported_kib() else ""
-            print(f"  {'fresh, huge pages, after a free':32s} median {statistics.median(times) * 1e3:8.2f} ms  "
-                  f"min {min(times) * 1e3:8.2f}  max {max(times) * 1e3:8.2f}{note}")
-    if load.fraction is not None:
-        print(f"other processes used {load.fraction:.0%} of the {os.cpu_count()} cores meanwhile")
+    start = time.thread_time()
+    resident.fill_(1)
+    show("resident memory, rewritten", nbytes / (time.thread_time() - start))
+    if _reported_kib() is not None:
+        print(f"free memory the guest has reported to the host since boot: {_reported_kib() / 2**20:.1f} GiB "
+              f"({PAGE_REPORTING})")
     return 0
 
 
