@@ -120,10 +120,11 @@ stage_bench() {
 }
 
 stage_steps() {  # bench.steps projects ImageNet-1000 B0 10 phases itself; ImageNet-100 from its JSON
-  local status=0
+  # the cases the projections need first, so that a cut keeps them
+  local status=0 cases=train0,boost,student,meta0,meta,infer,memory,meta0_first_order,meta_first_order
   # shellcheck disable=SC2086
   timeout -k 10 "$(( BUDGET - 15 ))" $PY -m bench.steps --device "$DEVICE" $QUICK --min-time "$STEPS_MIN_TIME" \
-    --out "$WORK/steps.json" || status=$?
+    --cases "$cases" --out "$WORK/steps.json" || status=$?
   $PY -m bench.steps --project "$WORK/steps.json" --config imagenet100 --out "$WORK/projection-imagenet100.json" \
     || status=1
   return $status
