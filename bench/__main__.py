@@ -1,22 +1,31 @@
 """Run the benchmark suite and write ``bench/results/<device>-<date>.json``.
 
-    python -m bench [--quick] [--device cpu|cuda] [-k EXPR]
+    python -m bench [--quick] [--device cpu|cuda] [-k EXPR] [--time-limit S] [--merge JSON] [--fresh-outputs]
 
 Timings come from pytest-benchmark; this script adds, per op, the speed-up of the cim_ext kernel over every other
 implementation measured in the same run, the achieved bandwidth (bytes that must move / median time) and its
-fraction of the measured device copy bandwidth (the roofline of these memory-bound kernels), and the environment.
+fraction of the measured device copy bandwidth (the roofline of these memory-bound kernels), and the environment,
+with the share of the cores other processes used during the run (``other_load``).
+
+On CPU the cases run with outputs served from memory the process already holds (``bench.allocator``): the timings
+are the kernels', not the page allocator's; the ``fresh_output`` line is what a fresh output adds. Every case is
+recorded as it finishes, so ``--time-limit`` (the cases stop there) keeps what ran; ``--merge`` adds this run's
+entries to an earlier result file of the same device (e.g. the torch.compile baselines, run last: ``-k compiled``).
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from .allocator import OtherLoad, resident_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,23 +68,28 @@ def environment(device):
     return info
 
 
-def summarise(raw, bandwidth):
-    """Group pytest-benchmark entries by op; ratios of every implementation's median to the kernel's."""
+def summarise(records, bandwidth):
+    """Group the case records (``{"extra_info", "stats"}``, as ``bench/test_kernels.py`` writes them) by op."""
     ops = {}
-    for bench in raw["benchmarks"]:
-        extra = bench["extra_info"]
-        median = bench["stats"]["median"]
-        entry = {"median_s": median, "min_s": bench["stats"]["min"], "bytes": extra["bytes"], "batch": extra["batch"]}
+    for record in records:
+        extra = record["extra_info"]
+        median = record["stats"]["median"]
+        entry = {"median_s": median, "min_s": record["stats"]["min"], "bytes": extra["bytes"], "batch": extra["batch"]}
         entry["bandwidth_GBps"] = extra["bytes"] / median / 1e9
         entry["roofline_fraction"] = extra["bytes"] / median / bandwidth
-        # On a shared or virtual machine, page-fault and scheduling stalls inflate some rounds: the fastest round is
-        # the kernel's own cost.
+        # On a shared or virtual machine, scheduling stalls inflate some rounds: the fastest round is the kernel's
+        # own cost.
         entry["roofline_fraction_min"] = extra["bytes"] / entry["min_s"] / bandwidth
         if "event_median_s" in extra:  # CUDA: kernel time from events, cold L2
             events = extra["event_median_s"]
             entry["event_median_s"] = events
             entry["event_roofline_fraction"] = extra["bytes"] / events / bandwidth
         ops.setdefault(extra["op"], {})[extra["impl"]] = entry
+    return add_ratios(ops)
+
+
+def add_ratios(ops):
+    """Add to every entry of an op its median (and fastest-round, and events) time over the kernel's."""
     for impls in ops.values():
         kernel = impls.get("kernel")
         if kernel:
@@ -86,6 +100,31 @@ def summarise(raw, bandwidth):
                     if "event_median_s" in entry and "event_median_s" in kernel:
                         entry["event_kernel_speedup"] = entry["event_median_s"] / kernel["event_median_s"]
     return ops
+
+
+def run_cases(cmd, env, cwd, time_limit):
+    """Run the pytest command, killing its process group at ``time_limit`` seconds; (exit code, cut short)."""
+    process = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    try:
+        return process.wait(timeout=time_limit), False
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return None, True
+
+
+def read_records(path):
+    """The case records written so far (one JSON object per line; a line cut by a kill is ignored)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
 
 
 def print_table(ops):
@@ -106,42 +145,73 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small batches (CI)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-k", default=None, help="pytest -k expression to select benchmarks")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds for the cases; those not finished by then are left out (recorded as cut)")
+    parser.add_argument("--merge", metavar="JSON",
+                        help="add this run's entries to this earlier result file (same device) and write it there")
+    parser.add_argument("--fresh-outputs", action="store_true",
+                        help="CPU: every large output a fresh mapping, as without the benchmark (page faults timed)")
     parser.add_argument("--no-huge-pages", action="store_true",
-                        help="CPU: keep PyTorch's default allocator (no THP_MEM_ALLOC_ENABLE=1)")
+                        help="CPU: 4 KiB pages (no THP_MEM_ALLOC_ENABLE=1)")
     parser.add_argument("--out", default=None, help="output JSON path (default bench/results/<device>-<date>.json)")
     args = parser.parse_args(argv)
+    if args.time_limit is not None and not args.time_limit > 0:
+        parser.error(f"--time-limit: expected a positive number of seconds, got {args.time_limit}")
+    merged = None
+    if args.merge:
+        try:
+            with open(args.merge) as f:
+                merged = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            parser.error(f"--merge: cannot read {args.merge}: {error}")
+        if merged.get("environment", {}).get("device") != args.device:
+            parser.error(f"--merge: {args.merge} holds {merged.get('environment', {}).get('device')!r} results, "
+                         f"not {args.device!r}")
 
     env = dict(os.environ, CIM_BENCH_QUICK="1" if args.quick else "0", CIM_BENCH_DEVICE=args.device)
-    if args.device == "cpu" and not args.no_huge_pages:
-        # Every op returns a fresh tensor; without transparent huge pages the page faults of a fresh 38 MB output
-        # cost more than writing it (a clone of the B = 256 image batch: 12.9 ms vs 1.1-2.0 ms for a copy into an
-        # existing buffer on our 2-core VM; 3.3 ms with huge pages), for every implementation alike.
+    if args.device == "cpu" and not args.fresh_outputs:
+        env = resident_env(env, huge_pages=not args.no_huge_pages)
+    elif args.device == "cpu" and not args.no_huge_pages:
         env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        raw_path = os.path.join(tmp, "raw.json")
+        env["CIM_BENCH_RECORDS"] = records_path = os.path.join(tmp, "records.jsonl")
         cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_kernels.py"), "-q", "-p", "no:cacheprovider",
-               f"--benchmark-json={raw_path}", "--benchmark-disable-gc", "-o", "addopts="]
+               "--benchmark-disable-gc", "-o", "addopts="]
         if args.k:
             cmd += ["-k", args.k]
-        code = subprocess.call(cmd, env=env, cwd=os.path.dirname(HERE))
-        if code != 0:
-            return code
-        with open(raw_path) as f:
-            raw = json.load(f)
+        with OtherLoad() as load:
+            code, cut = run_cases(cmd, env, os.path.dirname(HERE), args.time_limit)
+        records = read_records(records_path)
+    if not records:
+        print("no case finished" + (f" within --time-limit {args.time_limit:g} s" if cut else ""))
+        return code or 1
     info = environment(args.device)
     bandwidth = copy_bandwidth(args.device)
-    info["copy_bandwidth_GBps"] = bandwidth / 1e9
-    info["quick"] = args.quick
-    info["THP_MEM_ALLOC_ENABLE"] = env.get("THP_MEM_ALLOC_ENABLE")
-    ops = summarise(raw, bandwidth)
+    info.update(copy_bandwidth_GBps=bandwidth / 1e9, quick=args.quick,
+                THP_MEM_ALLOC_ENABLE=env.get("THP_MEM_ALLOC_ENABLE"), other_load=load.fraction, cases=len(records),
+                time_limit_s=args.time_limit, cut_by_time_limit=cut, pytest_exit_code=code)
+    if args.device == "cpu":
+        info["outputs"] = "fresh mappings" if args.fresh_outputs else "resident (bench.allocator.RESIDENT_TUNABLES)"
+    ops = summarise(records, bandwidth)
+    if merged is not None:
+        for op, impls in ops.items():
+            merged["ops"].setdefault(op, {}).update(impls)
+        ops = add_ratios(merged["ops"])
+        merged["environment"].setdefault("merged_runs", []).append(info)
+        info = merged["environment"]
     print_table(ops)
+    if load.fraction is not None:
+        print(f"other processes used {load.fraction:.0%} of the {os.cpu_count()} cores during the run"
+              + ("; timings under load" if load.fraction > 0.1 else ""))
+    if cut:
+        print(f"cut at --time-limit {args.time_limit:g} s after {len(records)} cases")
     name = f"{args.device}{'-quick' if args.quick else ''}-{info['date']}.json"
-    out = args.out or os.path.join(HERE, "results", name)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = args.out or args.merge or os.path.join(HERE, "results", name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"environment": info, "ops": ops}, f, indent=2)
     print(f"wrote {out}")
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Two builds register the same operator names, so they cannot share a process: eac
 checkout first on PYTHONPATH, built in place) and then this one, and the report gives per-case medians over the
 rounds and the old/new ratio of each pair. Cases: compress (B = 256 uint8 / float32 images), rational forward and
 forward + backward ([256, 64, 56, 56]), and the host cost of one call on tiny inputs (a 3x32x32 image, 8x4x4 maps),
-with torch.add as the cost of one eager op.
+with torch.add as the cost of one eager op. Both builds run with their outputs served from memory the process holds
+(``bench.allocator.resident_env``), so the ratios compare the kernels, not the page faults of fresh outputs.
 """
 import argparse
 import datetime
@@ -71,7 +72,11 @@ def measure():
 
 
 def _run(build, old_checkout):
-    env = dict(os.environ)
+    # Imported here: a measuring process (this file run as a script) must import nothing of this checkout's bench
+    # before the build under test is first on its path.
+    from bench.allocator import resident_env
+
+    env = resident_env(os.environ)
     if build == "old":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [old_checkout, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure"], env=env, check=True,
@@ -101,8 +106,11 @@ def main(argv=None):
         print(f"{case:28s} old {old * 1e3:9.4f} ms  new {new * 1e3:9.4f} ms  old/new {old / new:5.2f}")
     import torch
 
+    from bench.allocator import RESIDENT_TUNABLES, resident_env
+
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "old": args.old, "pairs": args.pairs}
+            "THP_MEM_ALLOC_ENABLE": resident_env(os.environ).get("THP_MEM_ALLOC_ENABLE"),
+            "GLIBC_TUNABLES": RESIDENT_TUNABLES, "old": args.old, "pairs": args.pairs}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": info, "cases": report}, f, indent=1)

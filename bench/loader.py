@@ -146,6 +146,42 @@ def measure_memory(source, device: torch.device, *, count: int, ratio: float = 4
             "stored_bytes": memory.bytes_held()}
 
 
+def measure_paths(root: str, device: torch.device, *, workers, batch: int, image_size: int, passes: int = 1,
+                  skip: int = 2, device_decode: bool = True, memory_count: int = 0, log=print) -> dict:
+    """Images/s of the data paths over the imagefolder tree at ``root``: ``workers=N`` for each N in ``workers``,
+    ``device`` (``decode_on_device``; its failure is recorded, not raised) if ``device_decode``, and ``memory`` (the
+    exemplar rebuild of ``memory_count`` images) if ``memory_count``. Returns ``{"train_images", "results"}``."""
+    from training.data import load_source
+    from training.distributed import ProcessRuntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = load_source("imagefolder", root)
+    results = {}
+    base = dict(device=device, channels_last=device.type == "cuda")
+    for n in workers:
+        runtime = ProcessRuntime(**base)
+        results[f"workers={n}"] = measure_loader(source, runtime, batch=batch, workers=n, image_size=image_size,
+                                                 passes=passes, skip=skip)
+        log(f"  workers={n:<3d} {results[f'workers={n}']['images_per_s']:9.1f} img/s")
+    if device_decode:
+        runtime = ProcessRuntime(**base, decode_on_device=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decoded = runtime.prepare_source(load_source("imagefolder", root))
+        try:
+            results["device"] = measure_loader(decoded, runtime, batch=batch, workers=0, image_size=image_size,
+                                               passes=passes, skip=skip)
+            log(f"  device     {results['device']['images_per_s']:9.1f} img/s (decode_on_device)")
+        except Exception as error:  # e.g. no nvJPEG in this torchvision build: report, keep the rest
+            results["device"] = {"error": f"{type(error).__name__}: {error}"}
+            log(f"  device     FAILED {type(error).__name__}: {error}")
+    if memory_count:
+        results["memory"] = measure_memory(source, device, count=memory_count)
+        log(f"  memory     {results['memory']['images_per_s']:9.1f} img/s (exemplar rebuild on {device.type})")
+    return {"train_images": len(source.train), "results": results}
+
+
 def step_demand(path, device: str) -> dict:
     """Images/s of the cim_ext training steps in a bench.steps JSON (newest of this device if ``path`` is None)."""
     if path is None:
@@ -159,6 +195,16 @@ def step_demand(path, device: str) -> dict:
     demand = {name: settings[name]["images_per_s"] for name in ("train0", "boost", "student")
               if "images_per_s" in settings.get(name, {})}
     return {"source": path, **demand} if demand else {}
+
+
+def compare_to_demand(results: dict, demand: dict) -> float:
+    """Add ``fraction_of_fastest_step`` (images/s over the fastest step's) to every loader path of ``results``
+    (``memory`` is a once-per-phase rebuild, not a path); returns the fastest step's images/s."""
+    need = max(v for k, v in demand.items() if k != "source")
+    for name, entry in results.items():
+        if name != "memory" and "images_per_s" in entry:
+            entry["fraction_of_fastest_step"] = entry["images_per_s"] / need
+    return need
 
 
 def main(argv=None) -> int:
@@ -177,9 +223,6 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=10, help="classes of a generated tree")
     parser.add_argument("--out", help="output JSON (default bench/results/loader-<device>[-quick]-<date>.json)")
     args = parser.parse_args(argv)
-
-    from training.data import load_source
-    from training.distributed import ProcessRuntime
 
     if args.generate:
         generate_tree(args.generate, args.images or 3072, classes=args.classes, quick=args.quick)
@@ -209,44 +252,21 @@ def main(argv=None) -> int:
             root = generate_tree(tmp.name, count, classes=args.classes, quick=args.quick)
             print(f"generated {count} JPEG files in {time.perf_counter() - started:.1f} s under {root}")
         report["root"] = args.root or "generated"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            source = load_source("imagefolder", root)
-        report["train_images"] = len(source.train)
-        results = report["results"]
-        base = dict(device=device, channels_last=device.type == "cuda")
-        for n in workers:
-            runtime = ProcessRuntime(**base)
-            results[f"workers={n}"] = measure_loader(source, runtime, batch=batch, workers=n,
-                                                     image_size=image_size, passes=args.passes, skip=skip)
-            print(f"  workers={n:<3d} {results[f'workers={n}']['images_per_s']:9.1f} img/s")
-        if not args.no_device_decode:
-            runtime = ProcessRuntime(**base, decode_on_device=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                decoded = runtime.prepare_source(load_source("imagefolder", root))
-            try:
-                results["device"] = measure_loader(decoded, runtime, batch=batch, workers=0, image_size=image_size,
-                                                   passes=args.passes, skip=skip)
-                print(f"  device     {results['device']['images_per_s']:9.1f} img/s (decode_on_device)")
-            except Exception as error:  # e.g. no nvJPEG in this torchvision build: report, keep the rest
-                results["device"] = {"error": f"{type(error).__name__}: {error}"}
-                print(f"  device     FAILED {type(error).__name__}: {error}")
-        results["memory"] = measure_memory(source, device, count=min(count, 1024))
-        print(f"  memory     {results['memory']['images_per_s']:9.1f} img/s (exemplar rebuild on {device.type})")
+        report.update(measure_paths(root, device, workers=workers, batch=batch, image_size=image_size,
+                                    passes=args.passes, skip=skip, device_decode=not args.no_device_decode,
+                                    memory_count=min(count, 1024)))
     finally:
         if tmp is not None:
             tmp.cleanup()
     demand = step_demand(args.steps, device.type)
     report["step_demand"] = demand
     if demand:
-        need = max(v for k, v in demand.items() if k != "source")
         print(f"step demand (bench.steps, {demand['source']}): " +
               ", ".join(f"{k} {v:.0f} img/s" for k, v in demand.items() if k != "source"))
+        compare_to_demand(report["results"], demand)
         for name, entry in report["results"].items():
-            if name != "memory" and "images_per_s" in entry:
-                entry["fraction_of_fastest_step"] = entry["images_per_s"] / need
-                print(f"  {name:10s} feeds {entry['images_per_s'] / need:6.1%} of the fastest step")
+            if "fraction_of_fastest_step" in entry:
+                print(f"  {name:10s} feeds {entry['fraction_of_fastest_step']:6.1%} of the fastest step")
     name = f"loader-{device.type}{'-quick' if args.quick else ''}-{report['environment']['date']}.json"
     out = args.out or os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -1,6 +1,7 @@
 """Training throughput: the learner's own step functions with the cim_ext ops vs the reference ops.
 
     python -m bench.steps [--device cpu|cuda] [--quick] [--out JSON] [--config NAME] [--min-time S]
+    python -m bench.steps --project STEPS_JSON [--config NAME] [--out JSON]
 
 Measures images/s of
 
@@ -34,11 +35,13 @@ parameter: every call site in ``training`` resolves ``cim_ext.<op>`` when it run
 swap reaches the learner's calls). Convolutions keep PyTorch's defaults in both settings (cuDNN may use TF32 for
 float32 convolutions, as the original did); cudnn.benchmark is on in both.
 
-From the measurements the script projects the GPU-hours of the full ImageNet-1000 10-phase schedule of the original
-config (:func:`project_hours`, formula in its docstring and in docs/scale.md) for both settings, prints a table and
-writes JSON (default ``bench/results/steps-<device>[-quick]-<date>.json``). Each case runs after warm-up steps with the
-device synchronised around every timed step; a case that fails (e.g. an op without a kernel on this device) is
-recorded with its error and the others still run.
+From the measurements the script projects the GPU-hours of the whole schedule of ``--config`` (default the original
+ImageNet-1000 B0 10 phases; :func:`project_hours`, formula in its docstring and in docs/scale.md) for both settings,
+prints a table and writes JSON (default ``bench/results/steps-<device>[-quick]-<date>.json``), rewritten after every
+case so that a run cut short keeps what it measured. Each case runs after warm-up steps with the device synchronised
+around every timed step; a case that fails (e.g. an op without a kernel on this device) is recorded with its error
+and the others still run. ``--project`` measures nothing: it projects the schedule of ``--config`` (e.g.
+``imagenet100``, B0 10 phases) from the rates of an earlier result file.
 """
 from __future__ import annotations
 
@@ -444,15 +447,25 @@ ORIGINAL_IMAGENET1000 = {
 }
 
 
+#: Classes of the datasets whose schedules can be projected (training images per class: 1300, test images: 50).
+DATASET_CLASSES = {"imagenet100": 100, "imagenet1000": 1000}
+
+
 def schedule_config(name: str) -> tuple[dict, str]:
-    """The schedule keys of a config (bundled name or file), or of :data:`ORIGINAL_IMAGENET1000` if absent."""
+    """The schedule keys of a config (bundled name or file) with its ``num_classes`` (from its dataset), or of
+    :data:`ORIGINAL_IMAGENET1000` if that config is absent. ValueError for a dataset of unknown class count."""
     try:
         cfg = load_config(name)
     except ConfigError as error:
         if name != "imagenet1000":
             raise
-        return dict(ORIGINAL_IMAGENET1000), f"embedded copy of the original cim-imagenet1000.json ({error})"
-    return {key: getattr(cfg, key) for key in ORIGINAL_IMAGENET1000}, f"config {name!r}"
+        schedule = dict(ORIGINAL_IMAGENET1000, num_classes=DATASET_CLASSES["imagenet1000"])
+        return schedule, f"embedded copy of the original cim-imagenet1000.json ({error})"
+    if cfg.dataset not in DATASET_CLASSES:
+        raise ValueError(f"config {name!r}: dataset {cfg.dataset!r} has no known class count "
+                         f"(one of {', '.join(DATASET_CLASSES)})")
+    schedule = {key: getattr(cfg, key) for key in ORIGINAL_IMAGENET1000}
+    return dict(schedule, num_classes=DATASET_CLASSES[cfg.dataset]), f"config {name!r}"
 
 
 def project_hours(rates: dict, schedule: dict, *, num_classes: int = 1000, images_per_class: int = 1300,
@@ -557,7 +570,8 @@ def environment(device: torch.device) -> dict:
 
 
 def run_setting(backend: str, sizes: Sizes, device: torch.device, cases, *, warmup: int, min_time: float,
-                min_iters: int, max_iters: int, fallback=(), log=print) -> dict:
+                min_iters: int, max_iters: int, fallback=(), log=print, on_case=None) -> dict:
+    """Results of the ``cases`` in one setting; ``on_case(results)`` after each case."""
     results = {}
     with ops_backend(backend, fallback):
         bench = Bench(sizes, device, backend)
@@ -583,8 +597,50 @@ def run_setting(backend: str, sizes: Sizes, device: torch.device, cases, *, warm
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if on_case is not None:
+                on_case(results)
         del bench
     return results
+
+
+def projections(settings: dict, schedule: dict, exemplar_cost: float) -> dict:
+    """:func:`project_hours` of ``schedule`` for every setting whose results hold all the rates it needs."""
+    out = {}
+    for backend, results in settings.items():
+        rates = rates_of(results)
+        if rates is not None:
+            out[backend] = {"rates": rates, **project_hours(rates, schedule, num_classes=schedule["num_classes"],
+                                                            exemplar_cost=exemplar_cost)}
+    return out
+
+
+def project_main(parser, args) -> int:
+    """``--project``: the projection of ``--config``'s schedule from the rates of an earlier result file."""
+    try:
+        with open(args.project) as handle:
+            measured = json.load(handle)
+        settings = measured["settings"]
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        parser.error(f"--project: cannot read the settings of a bench.steps result from {args.project}: {error}")
+    try:
+        schedule, schedule_source = schedule_config(args.config)
+    except (ConfigError, ValueError) as error:
+        parser.error(f"--config: {error}")
+    report = {"source": args.project, "environment": measured.get("environment", {}), "sizes": measured.get("sizes"),
+              "schedule": schedule, "schedule_source": schedule_source, "exemplar_cost": args.exemplar_cost,
+              "formula": project_hours.__doc__, "projection": projections(settings, schedule, args.exemplar_cost)}
+    if not report["projection"]:
+        print(f"{args.project}: no setting has every rate the projection needs "
+              "(train0, boost, student, infer, meta0, meta, memory)")
+        return 1
+    if (report["sizes"] or {}).get("batch", 0) < 64:
+        print("(quick sizes: the projection is not representative)")
+    print_projection(report)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -592,7 +648,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU/CI smoke run, not representative)")
     parser.add_argument("--out", help="output JSON (default bench/results/steps-<device>[-quick]-<date>.json)")
-    parser.add_argument("--config", default="imagenet1000", help="config whose schedule is projected")
+    parser.add_argument("--config", default="imagenet1000",
+                        help="config whose schedule is projected (imagenet1000: B0 10 phases; imagenet100 likewise)")
+    parser.add_argument("--project", metavar="STEPS_JSON",
+                        help="measure nothing: project --config's schedule from this earlier bench.steps result")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of cim_ext,reference")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed steps per case")
@@ -603,6 +662,10 @@ def main(argv=None) -> int:
     parser.add_argument("--exemplar-cost", type=float, default=1.0,
                         help="mean exemplar cost in image units for the projection (exemplars = memory_size / cost)")
     args = parser.parse_args(argv)
+    if not args.exemplar_cost > 0:
+        parser.error(f"--exemplar-cost: expected a positive number, got {args.exemplar_cost}")
+    if args.project:
+        return project_main(parser, args)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -616,6 +679,12 @@ def main(argv=None) -> int:
     for b in backends:
         if b not in BACKENDS:
             parser.error(f"--backends: unknown {b!r}; choose from {', '.join(BACKENDS)}")
+    if args.min_time is not None and args.min_time < 0:
+        parser.error(f"--min-time: expected seconds >= 0, got {args.min_time}")
+    try:
+        schedule, schedule_source = schedule_config(args.config)
+    except (ConfigError, ValueError) as error:
+        parser.error(f"--config: {error}")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 2.0)
     min_iters, max_iters = (1, 1) if args.quick else (3, 50)
@@ -630,32 +699,37 @@ def main(argv=None) -> int:
         print(f"  note: no {device.type} kernel for {', '.join(info['ops_without_kernel'])}"
               + ("; the cim_ext setting runs their reference definitions (fallback_ops)" if fallback else ""))
 
-    started = time.perf_counter()
-    settings = {b: run_setting(b, sizes, device, cases, warmup=warmup, min_time=min_time, min_iters=min_iters,
-                               max_iters=max_iters, fallback=fallback if b == "cim_ext" else ())
-                for b in backends}
-    schedule, schedule_source = schedule_config(args.config)
-    report = {"environment": info, "sizes": asdict(sizes), "settings": settings, "schedule": schedule,
-              "schedule_source": schedule_source, "exemplar_cost": args.exemplar_cost,
-              "formula": project_hours.__doc__, "projection": {}, "speedup": {},
-              "der_parameters": der_parameters(sizes.backbone)}
-    for b in backends:
-        rates = rates_of(settings[b])
-        if rates is not None:
-            report["projection"][b] = {"rates": rates, **project_hours(rates, schedule,
-                                                                       exemplar_cost=args.exemplar_cost)}
-    if "cim_ext" in settings and "reference" in settings:
-        for name in cases:
-            fast, slow = settings["cim_ext"].get(name, {}), settings["reference"].get(name, {})
-            if "seconds" in fast and "seconds" in slow:
-                report["speedup"][name] = slow["seconds"] / fast["seconds"]
-    report["bench_seconds"] = time.perf_counter() - started
-    print_report(report)
     name = f"steps-{device.type}{'-quick' if args.quick else ''}-{info['date']}.json"
     out = args.out or os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump(report, handle, indent=2)
+    started = time.perf_counter()
+    settings: dict = {}
+    der_rows = der_parameters(sizes.backbone)
+
+    def write(complete: bool) -> dict:
+        """Write the report of what was measured so far (``complete`` once every setting has run)."""
+        report = {"environment": info, "sizes": asdict(sizes), "settings": settings, "schedule": schedule,
+                  "schedule_source": schedule_source, "exemplar_cost": args.exemplar_cost,
+                  "formula": project_hours.__doc__, "projection": projections(settings, schedule, args.exemplar_cost),
+                  "speedup": {}, "der_parameters": der_rows, "complete": complete,
+                  "bench_seconds": time.perf_counter() - started}
+        fast, slow = settings.get("cim_ext", {}), settings.get("reference", {})
+        for case in cases:
+            if "seconds" in fast.get(case, {}) and "seconds" in slow.get(case, {}):
+                report["speedup"][case] = slow[case]["seconds"] / fast[case]["seconds"]
+        with open(out, "w") as handle:
+            json.dump(report, handle, indent=2)
+        return report
+
+    for b in backends:
+        def case_done(results, backend=b):
+            settings[backend] = results
+            write(complete=False)
+
+        settings[b] = run_setting(b, sizes, device, cases, warmup=warmup, min_time=min_time, min_iters=min_iters,
+                                  max_iters=max_iters, fallback=fallback if b == "cim_ext" else (), on_case=case_done)
+    report = write(complete=True)
+    print_report(report)
     print(f"wrote {out}")
     failed = [f"{b}/{c}" for b, res in settings.items() for c, entry in res.items() if "error" in entry]
     return 1 if failed and len(failed) == sum(len(r) for r in settings.values()) else 0
@@ -679,10 +753,17 @@ def print_report(report: dict) -> None:
     if report["environment"].get("fallback_ops"):
         print(f"(cim_ext setting with reference definitions for {', '.join(report['environment']['fallback_ops'])}: "
               "no kernel on this device)")
+    print_projection(report)
+
+
+def print_projection(report: dict) -> None:
+    """One line per setting: the projected hours of the report's schedule, by part."""
+    schedule = report["schedule"]
+    base = 0 if schedule["init_cls"] == schedule["increment"] else schedule["init_cls"]  # B0: equal phases
     for b, projection in report["projection"].items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in projection["hours_by_part"].items())
-        print(f"projected GPU-hours, ImageNet-1000 {len(projection['phases'])} phases ({report['schedule_source']}), "
-              f"{b}: {projection['gpu_hours']:.1f} h  ({parts})")
+        print(f"projected GPU-hours, {schedule['num_classes']} classes B{base} {len(projection['phases'])} phases "
+              f"({report['schedule_source']}), {b}: {projection['gpu_hours']:.1f} h  ({parts})")
     if len(report["projection"]) == 2:
         fast, slow = report["projection"]["cim_ext"]["gpu_hours"], report["projection"]["reference"]["gpu_hours"]
         print(f"schedule speed-up cim_ext vs reference: {slow / fast:.2f}x")

@@ -1,8 +1,13 @@
 """Kernel benchmarks: each cim_ext op against its eager reference, torch.compile of the reference and, where the
 original implementation had one, its per-image / eager path. Run through ``python -m bench`` (see bench/__main__.py),
 which turns the timings into ratios and bandwidth-roofline fractions.
+
+Each timed call drops its output before the next call starts. Every case appends its record (``extra_info`` and
+the median and fastest round) to the file ``CIM_BENCH_RECORDS`` names, if any, as soon as it finishes.
 """
 import functools
+import json
+import os
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ from PIL import Image
 import cim_ext
 from cim_ext import reference
 
-from . import baselines, cases
+from . import allocator, baselines, cases
 
 DEVICE = cases.DEVICE
 ROUNDS = 3 if cases.QUICK else 20
@@ -42,13 +47,23 @@ def _event_times(fn, rounds):
     return times
 
 
+def _record(benchmark):
+    """Append the finished case's record to ``CIM_BENCH_RECORDS`` (one JSON line, flushed at once)."""
+    path = os.environ.get("CIM_BENCH_RECORDS")
+    if path:
+        stats = benchmark.stats.stats
+        record = {"extra_info": dict(benchmark.extra_info), "stats": {"median": stats.median, "min": stats.min}}
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
 def _measure(benchmark, fn, *, op, impl, bytes_moved, rounds=ROUNDS):
     """pytest-benchmark's wall time of a synchronised call; on CUDA also the events time with a cold L2
-    (``extra_info["event_median_s"]``), which excludes the host's launch and synchronisation cost."""
+    (``extra_info["event_median_s"]``), which excludes the host's launch and synchronisation cost. The output is
+    dropped inside the timed call (pytest-benchmark would keep it alive into the next one)."""
     def target():
-        out = fn()
+        fn()
         _sync()
-        return out
 
     benchmark.group = op
     benchmark.extra_info.update(op=op, impl=impl, device=DEVICE, bytes=int(bytes_moved), batch=cases.batch())
@@ -56,6 +71,7 @@ def _measure(benchmark, fn, *, op, impl, bytes_moved, rounds=ROUNDS):
     if DEVICE == "cuda":
         times = sorted(_event_times(fn, rounds))
         benchmark.extra_info["event_median_s"] = times[len(times) // 2]
+    _record(benchmark)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,8 +141,8 @@ def _pil_images(images):
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 @pytest.mark.parametrize("impl", ["kernel", "reference", "original", "clone"])
 def test_compress(benchmark, impl, dtype):
-    """"clone" is the floor of any out-of-place op: a fresh output written once (on CPU, the page faults of a fresh
-    allocation can cost more than the copy; see THP_MEM_ALLOC_ENABLE)."""
+    """"clone" is the floor of any out-of-place op: the batch read once and written once into a new output (on CPU
+    from resident memory, like every case here; ``test_fresh_output`` is what a fresh mapping adds)."""
     if impl == "original" and dtype != "uint8":
         pytest.skip("the original compresses PIL (uint8) images")
     images, boxes = cases.image_inputs(dtype=getattr(torch, dtype))
@@ -139,6 +155,25 @@ def test_compress(benchmark, impl, dtype):
         op = {"kernel": cim_ext.compress, "reference": reference.compress}[impl]
         fn = lambda: op(images, boxes, 4.0)  # noqa: E731
     _measure(benchmark, fn, op=f"compress[{dtype}]", impl=impl, bytes_moved=2 * _nbytes(images))
+
+
+@pytest.mark.parametrize("impl", ["resident", "fresh", "fresh_thp"])
+def test_fresh_output(benchmark, impl):
+    """CPU: one write of an output the size of the uint8 image batch, into memory the process holds ("resident"),
+    and into a fresh mapping with 4 KiB pages ("fresh", what glibc gives any allocation above 32 MiB) or with huge
+    pages ("fresh_thp", ``THP_MEM_ALLOC_ENABLE=1``): the page faults, zeroing and unmap of a fresh output, which an
+    out-of-place op pays outside this benchmark, beside the write (see bench/allocator.py)."""
+    if DEVICE != "cpu":
+        pytest.skip("page faults of host memory: CPU only")
+    images, _ = cases.image_inputs()
+    nbytes = _nbytes(images)
+    if impl == "resident":
+        fn = torch.empty_like(images).fill_
+        _measure(benchmark, lambda: fn(1), op="fresh_output[uint8]", impl=impl, bytes_moved=nbytes)
+    else:
+        huge = impl == "fresh_thp"
+        _measure(benchmark, lambda: allocator.fresh_write(nbytes, huge_pages=huge), op="fresh_output[uint8]",
+                 impl=impl, bytes_moved=nbytes)
 
 
 @pytest.mark.parametrize("impl", ["kernel", "original"])
@@ -243,3 +278,4 @@ def test_host_overhead(benchmark, op, impl):
     benchmark.extra_info.update(op=f"host[{op}]", impl=impl, device=DEVICE, bytes=0, batch=1)
     with torch.no_grad():
         benchmark.pedantic(lambda: (fn(), _sync()), rounds=ROUNDS * 20, iterations=20, warmup_rounds=2)
+    _record(benchmark)

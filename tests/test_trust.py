@@ -3,8 +3,10 @@ SIGTERM / SIGINT stop at a batch end after a checkpoint and resume to the number
 run is left alone, the console says where the run is, and faults (a crash while checkpointing, a NaN loss, a full
 disk) lose nothing."""
 import errno
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,7 +168,32 @@ def test_console_start_block_statuses_and_end_line(tmp_path):
     assert "boxes refreshed on the rational branch" in text
     assert text.strip().splitlines()[-1].startswith("finished: average incremental top-1 ")
     assert os.path.join(out, "summary.json") in text.strip().splitlines()[-1]
-    assert "epochs" in result.stdout  # the whole-run progress bar
+    # stdout is a pipe here: one line per epoch with the whole run's ETA instead of a redrawn bar
+    assert "\r" not in text
+    epochs = [line for line in text.splitlines() if " epochs (" in line]
+    assert re.match(r"phase 0 \w+ epoch 1 1/\d+ epochs \(\d+%\) \[\d+s elapsed, about ", epochs[0]), epochs[0]
+    assert " epochs (100%) [" in epochs[-1]
+
+
+def test_console_draws_a_bar_on_a_terminal_and_lines_elsewhere():
+    from training.console import Console
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, bar in ((Terminal(), True), (io.StringIO(), False)):
+        console = Console(stream=stream)
+        console.open_bar(4)
+        for epoch in range(4):
+            console.batch(f"phase 0 train epoch {epoch + 1}", 1, 2)
+            console.epoch_done("train_loss 1.000")
+        console.end("finished")
+        text = stream.getvalue()
+        assert ("\r" in text) == bar and ("|" in text) == bar
+        if not bar:
+            assert text.splitlines()[-2].startswith("phase 0 train epoch 4 4/4 epochs (100%) [")
+            assert text.splitlines()[-2].endswith("s left] train_loss 1.000")
 
 
 # ---------------------------------------------------------------------------------------------------- faults

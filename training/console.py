@@ -1,10 +1,11 @@
 """What a person running ``python -m training.run`` sees: a start block (run directory, device, data, phases, class
 order, the keys set away from the bundled config), one progress bar for the whole run that moves every training
-batch with the run's ETA, one-line statuses for the work between epochs (box refreshes, memory updates,
+batch with the run's ETA (on a terminal; in a log, one line per epoch with the ETA), one-line statuses for the work between epochs (box refreshes, memory updates,
 evaluation, unreadable images), the metrics table after each phase and an end line. Only rank 0 prints."""
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 __all__ = ["Console", "changed_keys", "phase_sizes"]
@@ -26,6 +27,12 @@ def _short(values, limit: int = 12) -> str:
     values = list(values)
     shown = ", ".join(str(v) for v in values[:limit])
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class _Lines:
@@ -61,6 +68,10 @@ class Console:
         self.out = stream or sys.stdout
         self.bar = None
         self.epochs_done = 0.0
+        self.total_epochs = 0.0
+        self.description = ""
+        self.lines_only = False
+        self._clock = None
         self.lines = _Lines(self.status)
 
     # ---------------------------------------------------------------- blocks
@@ -86,9 +97,15 @@ class Console:
 
     # ---------------------------------------------------------------- progress
     def open_bar(self, total_epochs: float, done: float = 0.0) -> None:
-        """The whole run's bar, in epochs (all stages of all phases)."""
-        self.epochs_done = float(done)
+        """The whole run's progress, in epochs (all stages of all phases): a tqdm bar on a terminal; elsewhere (a log
+        file, a batch job's output) one line per finished epoch with the elapsed time and the whole run's ETA, since
+        a bar's carriage returns would fill the log with one redrawn line."""
+        self.epochs_done, self.total_epochs = float(done), float(total_epochs)
         if not self.progress:
+            return
+        isatty = getattr(self.out, "isatty", None)
+        if not (isatty and isatty()):
+            self.lines_only, self._clock = True, (time.monotonic(), float(done))
             return
         from tqdm.auto import tqdm
 
@@ -98,6 +115,7 @@ class Console:
 
     def batch(self, description: str, done: int, total: int) -> None:
         """The bar after batch ``done`` of ``total`` of the epoch in progress."""
+        self.description = description
         if self.bar is not None:
             self.bar.set_description_str(description, refresh=False)
             self.bar.n = self.epochs_done + done / max(1, total)
@@ -110,6 +128,18 @@ class Console:
             if postfix:
                 self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.refresh()
+        elif self.lines_only:
+            self.status(self.progress_line(postfix))
+
+    def progress_line(self, postfix: str = "") -> str:
+        """``<description> 12/40 epochs (30%) [1m05s elapsed, about 2m32s left]`` from the rate since the start."""
+        started, first = self._clock
+        elapsed = time.monotonic() - started
+        done, total = self.epochs_done, self.total_epochs
+        left = elapsed / (done - first) * max(0.0, total - done) if done > first else None
+        eta = "" if left is None else f", about {_duration(left)} left"
+        line = f"{self.description} {done:.0f}/{total:.0f} epochs ({100 * done / max(total, 1e-9):.0f}%) "
+        return line.lstrip() + f"[{_duration(elapsed)} elapsed{eta}]" + (f" {postfix}" if postfix else "")
 
     def status(self, text: str) -> None:
         """One line, above the bar when it is shown."""
