@@ -32,9 +32,8 @@ import time
 import torch
 
 from .allocator import OtherLoad
-from .loader import compare_to_demand, generate_tree, measure_paths, step_demand
+from .loader import compare_to_demand, generate_tree, measure_paths, step_demand, write_report
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = (1, 8, 16)
 #: The step sizes the probe compares with (bench.steps' full sizes).
 STEP_SIZES = {"backbone": "resnet18", "image": 224, "batch": 256}
@@ -136,12 +135,7 @@ def main(argv=None) -> int:
     report["step_demand"] = demand
     report["verdict"] = verdict(report["results"], demand)
     print(report["verdict"]["text"])
-    name = f"datapath-{device.type}{'-quick' if args.quick else ''}-{report['environment']['date']}.json"
-    out = args.out or os.path.join(HERE, "results", name)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"wrote {out}")
+    write_report(report, "datapath", device, quick=args.quick, out=args.out)
     return 0 if report["verdict"]["paths"] else 1
 
 

@@ -267,13 +267,19 @@ def main(argv=None) -> int:
         for name, entry in report["results"].items():
             if "fraction_of_fastest_step" in entry:
                 print(f"  {name:10s} feeds {entry['fraction_of_fastest_step']:6.1%} of the fastest step")
-    name = f"loader-{device.type}{'-quick' if args.quick else ''}-{report['environment']['date']}.json"
-    out = args.out or os.path.join(HERE, "results", name)
+    write_report(report, "loader", device, quick=args.quick, out=args.out)
+    return 0
+
+
+def write_report(report: dict, prefix: str, device, *, quick: bool, out=None) -> str:
+    """Write ``report`` to ``out``, by default ``bench/results/<prefix>-<device>[-quick]-<date>.json``."""
+    name = f"{prefix}-{device.type}{'-quick' if quick else ''}-{report['environment']['date']}.json"
+    out = out or os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
         json.dump(report, handle, indent=2)
     print(f"wrote {out}")
-    return 0
+    return out
 
 
 if __name__ == "__main__":
