@@ -20,9 +20,10 @@ from ..memory import ExemplarMemory
 from ..models import network_from_spec, split_parameters
 from ..optim import lr_scheduler, theta_optimizer
 from ..policy import CIMPolicy
+from .passes import new_pass_state, pass_numbers, predict, train_pass
 from .steps import NonFiniteLoss
 
-__all__ = ["Learner", "Hooks", "NonFiniteLoss", "upgrade_state"]
+__all__ = ["Learner", "Hooks", "NonFiniteLoss", "build_network", "upgrade_state"]
 
 
 def _nothing(*args) -> None:
@@ -113,7 +114,7 @@ class Learner:
         [N], "task_classes": labels per phase, ...the learner's extra predictions}."""
         phase = self.stream.phases[self.phase_index]
         loader = self._test_loader(phase)
-        predictions, targets = self._predict(self.network, loader)
+        predictions, targets = predict(self.network, loader, self.runtime)
         return {"predictions": predictions, "targets": targets, "task_classes": self.stream.task_labels(phase),
                 **self._extra_predictions(loader)}
 
@@ -221,41 +222,20 @@ class Learner:
         its order, the batches done and the running sums, so a run checkpointed after batch k redraws the same
         order and goes on at batch k + 1. A step that returns ``skipped`` (a non-finite loss skipped) counts no
         image; with ``on_nonfinite_loss="error"`` a non-finite loss stops the run with :class:`NonFiniteLoss`."""
-        rt = self.runtime
         state = self.partial_epoch
         if state is None:
-            state = self.partial_epoch = {"generator": self.generator.get_state(), "batches": 0, "totals": {},
-                                          "seen": 0, "skipped": 0}
+            state = self.partial_epoch = new_pass_state(self.generator)
         else:
             self.generator.set_state(state["generator"])
         loader = self._loader(dataset, batch_size or self.cfg.batch_size, shuffle=True, skip=state["batches"])
-        total = state["batches"] + len(loader)
-        model = rt.wrap(network)
+        model = self.runtime.wrap(network)
         network.train()
-        totals = state["totals"]
-        for batch in loader:
-            if batch is not None:
-                images, labels = rt.to_device(batch[0], image=True), rt.to_device(batch[1])
-                try:
-                    out = step(model, images, labels)
-                except NonFiniteLoss as error:
-                    raise NonFiniteLoss(f"{error} at phase {self.phase_index}, stage {self.stage}, epoch "
-                                        f"{self.epoch + 1}, batch {state['batches'] + 1}") from None
-                if out.pop("skipped", False):
-                    state["skipped"] += 1
-                else:
-                    for key, value in out.items():
-                        totals[key] = totals.get(key, 0.0) + float(value) * (1 if key == "correct" else len(labels))
-                    state["seen"] += len(labels)
-            state["batches"] += 1
-            self.hooks.batch_end(state["batches"], total)
+        train_pass(model, loader, step, state, runtime=self.runtime,
+                   total=state["batches"] + len(loader), on_batch=self.hooks.batch_end,
+                   where=lambda batch: f"at phase {self.phase_index}, stage {self.stage}, epoch {self.epoch + 1}, "
+                                       f"batch {batch}")
         self.partial_epoch = None
-        seen = state["seen"]
-        numbers = {prefix + ("acc" if key == "correct" else key): (100.0 if key == "correct" else 1.0) * value / seen
-                   for key, value in totals.items()} if seen else {}
-        if state["skipped"]:
-            numbers[prefix + "skipped_batches"] = float(state["skipped"])
-        return numbers
+        return pass_numbers(state, prefix)
 
     # ---------------------------------------------------------------- data and evaluation
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, shard: bool = True, skip: int = 0):
@@ -263,29 +243,12 @@ class Learner:
                                    collate_fn=collate_skip_bad, workers=self.cfg.workers, shard=shard, skip=skip)
 
     def _test_loader(self, phase):
-        test = self.stream.source.test
-        dataset = PhaseDataset(test, self.stream.test_indices(self.stream.seen_classes(phase)),
-                               self.transforms["test"], self.stream.label_map)
-        return self._loader(dataset, self.cfg.batch_size, shuffle=False)
-
-    @torch.no_grad()
-    def _predict(self, net, loader) -> tuple[torch.Tensor, torch.Tensor]:
-        rt = self.runtime
-        net.eval()
-        preds, targets = [], []
-        for batch in loader:
-            if batch is None:
-                continue
-            with rt.autocast():
-                logits = net(rt.to_device(batch[0], image=True))["logits"].float()
-            preds.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
-            targets.append(torch.as_tensor(batch[1]).cpu())
-        if not preds:
-            return torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-        return torch.cat(preds), torch.cat(targets)
+        stream = self.stream
+        return self._loader(PhaseDataset(stream.source.test, stream.test_indices(stream.seen_classes(phase)),
+                                         self.transforms["test"], stream.label_map), self.cfg.batch_size, shuffle=False)
 
     def _quick_accuracy(self, net, phase) -> float:
-        preds, targets = self._predict(net, self._test_loader(phase))
+        preds, targets = predict(net, self._test_loader(phase), self.runtime)
         return float((preds[:, 0] == targets).double().mean() * 100) if len(targets) else float("nan")
 
     # ---------------------------------------------------------------- checkpoints
@@ -316,7 +279,7 @@ class Learner:
                              f"{self.NAME!r}")
         self.phase_index, self.stage, self.epoch = state["phase_index"], state["stage"], state["epoch"]
         self.known, self.total = state["known"], state["total"]
-        self.network = self._build_network(state["network"])
+        self.network = build_network(state["network"], self.runtime)
         self._load_extra_state(state)
         self.generator.set_state(state["generator"])
         self.partial_epoch = state.get("partial_epoch")
@@ -330,13 +293,6 @@ class Learner:
         if self.policy is not None:
             self.policy.load_state_dict(state["policy"], phase, self.network,
                                         None if phase is None else self._phi_scheduler(phase))
-
-    def _build_network(self, entry):
-        if entry is None:
-            return None
-        net = network_from_spec(entry["spec"])
-        net.load_state_dict(entry["state"])
-        return self.runtime.prepare_model(net)
 
     def _upgrade(self, state: dict) -> dict:
         return upgrade_state(state, self.NAME, uses_memory=self.USES_MEMORY)
@@ -362,3 +318,12 @@ def upgrade_state(state: dict, learner: str, *, uses_memory: bool) -> dict:
 
 def _net_state(net) -> Union[dict, None]:
     return None if net is None else {"spec": net.spec(), "state": net.state_dict()}
+
+
+def build_network(entry: Union[dict, None], runtime):
+    """The network of a checkpoint entry (``{"spec", "state"}``, see :func:`_net_state`) on the run's device."""
+    if entry is None:
+        return None
+    net = network_from_spec(entry["spec"])
+    net.load_state_dict(entry["state"])
+    return runtime.prepare_model(net)

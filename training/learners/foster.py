@@ -28,7 +28,8 @@ from ..memory import class_budget
 from ..models import FosterNet, split_parameters
 from ..optim import lr_scheduler, theta_optimizer
 from ..policy import InnerStep
-from .base import Learner
+from .base import Learner, build_network
+from .passes import predict
 from .steps import finite_or_skip, train_step
 
 __all__ = ["Foster", "class_balance_weights", "kd_loss", "bkd_loss", "foster_loss", "student_step"]
@@ -202,7 +203,7 @@ class Foster(Learner):
 
     # ---------------------------------------------------------------- phase end and state
     def _extra_predictions(self, loader) -> dict:
-        student = self._predict(self.student_net, loader)[0] if self.student_net is not None else None
+        student = predict(self.student_net, loader, self.runtime)[0] if self.student_net is not None else None
         return {"student_predictions": student}
 
     def _close_phase(self) -> None:
@@ -216,6 +217,6 @@ class Foster(Learner):
                 "class_weights": None if self.class_weights is None else self.class_weights.cpu()}
 
     def _load_extra_state(self, state: dict) -> None:
-        self.student_net = self._build_network(state["student"])
+        self.student_net = build_network(state["student"], self.runtime)
         weights = state["class_weights"]
         self.class_weights = None if weights is None else weights.to(self.runtime.device)
