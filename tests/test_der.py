@@ -146,6 +146,22 @@ def test_der_runs_with_each_compression(tmp_path, compression):
         assert drawn["rows"] == 3 and drawn["mismatches"] == 0 and os.path.isfile(drawn["rationals"])
 
 
+@pytest.mark.parametrize("extra, coef", [((), 0.0), (("der_reg_coef=0.5",), 0.5)])
+def test_der_reg_coef_is_the_meta_steps_cam_regulariser(tmp_path, monkeypatch, extra, coef):
+    from training.policy import CIMPolicy
+
+    seen = []
+    original = CIMPolicy.after_epoch
+
+    def after_epoch(self, phase, network, inner):
+        seen.append(inner.reg_coef)
+        return original(self, phase, network, inner)
+
+    monkeypatch.setattr(CIMPolicy, "after_epoch", after_epoch)
+    run(_tiny("compression=cim", *extra), out_dir=str(tmp_path))
+    assert seen and set(seen) == {coef}  # 0 by default: the original DER's outer loss has no CAM term
+
+
 def _source_tree(name, root):
     """(data root, extra overrides) of a generated tree of source ``name``."""
     from trees import food101_tree, imagenet_tree, tinyimagenet_tree

@@ -124,6 +124,7 @@ class Config:
     randombbxblur_prob_incre: float = 0.1
     div_coef: float = 0.2
     reg_coef: float = 0.1
+    der_reg_coef: float = 0.0  # MSE(cam, 0) weight in DER's meta outer loss (0: the original's DER has no such term)
     meta_gradient: Literal["exact", "first_order"] = "exact"  # first_order: theta detached in the rational branch
     # run
     seed: int = 1993
@@ -399,7 +400,8 @@ def _check_ranges(cfg: Config) -> None:
                 "checkpoint_every", "eval_every"):
         need(getattr(cfg, key) >= 0, key, "an integer >= 0")
     for key in ("init_theta_lr", "init_phi_lr", "incre_theta_lr", "incre_phi_lr", "init_weight_decay",
-                "incre_weight_decay", "lr_ratio", "num_meta_iters_per_cls", "div_coef", "reg_coef", "lambda_okd",
+                "incre_weight_decay", "lr_ratio", "num_meta_iters_per_cls", "div_coef", "reg_coef", "der_reg_coef",
+                "lambda_okd",
                 "randombbxblur_prob_incre", "wa_value"):
         need(getattr(cfg, key) >= 0, key, "a number >= 0")
     need(0 <= cfg.momentum < 1, "momentum", "a number in [0, 1)")

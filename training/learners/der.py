@@ -11,7 +11,7 @@
 
 With ``compression=cim`` each epoch ends with the meta-iterations of the original DER: the inner loss is DER's loss
 above, the inner step's lr is theta's (no ``lr_ratio``), the outer loss has no CAM regulariser (``reg_coef`` is not
-used) and phi's gradient is not clipped (docs/training.md lists where this differs from PyCIL's DER).
+used; ``der_reg_coef`` adds one, a departure) and phi's gradient is not clipped (docs/training.md lists where this differs from PyCIL's DER).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class DER(Learner):
             stats = self._epoch(self.network, policy.train_dataset(phase, self.transforms["train"]), step,
                                 prefix="train_")
             inner = InnerStep(loss=lambda out, y: loss(out, y)[0], lr=self.schedulers["theta"].get_last_lr()[0],
-                              max_grad_norm=None, reg_coef=0.0)
+                              max_grad_norm=None, reg_coef=cfg.der_reg_coef)
             stats.update(policy.after_epoch(phase, self.network, inner))
             self.schedulers["theta"].step()
             return {"aug_prob": policy.aug_prob, **refreshed, **stats}
