@@ -401,8 +401,7 @@ def _check_ranges(cfg: Config) -> None:
         need(getattr(cfg, key) >= 0, key, "an integer >= 0")
     for key in ("init_theta_lr", "init_phi_lr", "incre_theta_lr", "incre_phi_lr", "init_weight_decay",
                 "incre_weight_decay", "lr_ratio", "num_meta_iters_per_cls", "div_coef", "reg_coef", "der_reg_coef",
-                "lambda_okd",
-                "randombbxblur_prob_incre", "wa_value"):
+                "lambda_okd", "randombbxblur_prob_incre", "wa_value"):
         need(getattr(cfg, key) >= 0, key, "a number >= 0")
     need(0 <= cfg.momentum < 1, "momentum", "a number in [0, 1)")
     need(1 <= cfg.memory_quality <= 100, "memory_quality", "an integer in [1, 100]")

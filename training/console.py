@@ -1,7 +1,8 @@
 """What a person running ``python -m training.run`` sees: a start block (run directory, device, data, phases, class
 order, the keys set away from the bundled config), one progress bar for the whole run that moves every training
-batch with the run's ETA (on a terminal; in a log, one line per epoch with the ETA), one-line statuses for the work between epochs (box refreshes, memory updates,
-evaluation, unreadable images), the metrics table after each phase and an end line. Only rank 0 prints."""
+batch with the run's ETA (on a terminal; in a log, one line per epoch with the ETA), one-line statuses for the work
+between epochs (box refreshes, memory updates, evaluation, unreadable images), the metrics table after each phase and
+an end line. Only rank 0 prints."""
 from __future__ import annotations
 
 import sys
@@ -70,8 +71,7 @@ class Console:
         self.epochs_done = 0.0
         self.total_epochs = 0.0
         self.description = ""
-        self.lines_only = False
-        self._clock = None
+        self._clock = None  # (start, epochs done then) when progress is printed as lines, not as a bar
         self.lines = _Lines(self.status)
 
     # ---------------------------------------------------------------- blocks
@@ -105,7 +105,7 @@ class Console:
             return
         isatty = getattr(self.out, "isatty", None)
         if not (isatty and isatty()):
-            self.lines_only, self._clock = True, (time.monotonic(), float(done))
+            self._clock = (time.monotonic(), float(done))
             return
         from tqdm.auto import tqdm
 
@@ -128,7 +128,7 @@ class Console:
             if postfix:
                 self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.refresh()
-        elif self.lines_only:
+        elif self._clock is not None:
             self.status(self.progress_line(postfix))
 
     def progress_line(self, postfix: str = "") -> str:

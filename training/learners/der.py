@@ -11,7 +11,8 @@
 
 With ``compression=cim`` each epoch ends with the meta-iterations of the original DER: the inner loss is DER's loss
 above, the inner step's lr is theta's (no ``lr_ratio``), the outer loss has no CAM regulariser (``reg_coef`` is not
-used; ``der_reg_coef`` adds one, a departure) and phi's gradient is not clipped (docs/training.md lists where this differs from PyCIL's DER).
+used; ``der_reg_coef`` adds one, a departure) and phi's gradient is not clipped (docs/training.md lists where this
+differs from PyCIL's DER).
 """
 from __future__ import annotations
 
